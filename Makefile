@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` and `make test`. Both install what they need first.
+PYTHON ?= python
+# Keep a torch the user already has; otherwise take the CPU build named in constraints-cpu.txt.
+CONSTRAINTS = $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+DEMO_OUT ?= demo-out
+
+.PHONY: install install-dev demo test
+
+install:
+	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e .
+
+install-dev:
+	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
+
+demo: install
+	rome-edit info
+	rome-edit generate --prompt "Name: Brittany. Gender:"
+
+test: install-dev
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,5 @@
+import sys
+
+from rome_edit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``rome-edit`` command line."""

@@ -1,0 +1,99 @@
+"""Finding the subject's tokens in a prompt.
+
+A prompt template holds exactly one ``{}`` where the subject goes (``str.format`` rules: ``{{``
+and ``}}`` are literal braces, as in the reference's templates).  The subject's tokens are those
+whose character spans overlap the subject's characters, read from the fast tokenizer's offset
+mapping; so a leading-space merge (``" Brittany"`` → ``ĠB``, ``ri``, …) or a merge across the
+subject's edge still counts, and another occurrence of the subject elsewhere in the prompt is
+never mistaken for it.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+
+class SubjectNotFoundError(ValueError):
+    """The template or subject cannot be located; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class SubjectSpan:
+    """Token positions of the subject in the tokenized prompt (``end`` exclusive)."""
+
+    prompt: str
+    input_ids: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def last(self) -> int:
+        """Index of the subject's last token: ROME's ``fact_token = subject_last``."""
+        return self.end - 1
+
+    @property
+    def first(self) -> int:
+        return self.start
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """``(prefix, suffix)`` around the template's single ``{}``, braces unescaped."""
+    if not isinstance(template, str):
+        raise SubjectNotFoundError(f"template must be a string, got {type(template).__name__}.")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise SubjectNotFoundError(
+            f"template {template!r} has unbalanced braces ({err}); write literal braces as "
+            "'{{' and '}}'."
+        ) from None
+    fields = [p for p in parsed if p[1] is not None]
+    if len(fields) != 1 or fields[0][1] != "" or fields[0][2] or fields[0][3]:
+        raise SubjectNotFoundError(
+            f"template {template!r} must contain exactly one '{{}}' where the subject goes "
+            f"(found {len(fields)} fields); e.g. 'Name: {{}}. Gender:'."
+        )
+    cut = next(i for i, p in enumerate(parsed) if p[1] is not None)
+    prefix = "".join(p[0] for p in parsed[: cut + 1])
+    suffix = "".join(p[0] for p in parsed[cut + 1 :])
+    return prefix, suffix
+
+
+def fill(template: str, subject: str) -> str:
+    prefix, suffix = split_template(template)
+    return prefix + subject + suffix
+
+
+def locate_subject(
+    tokenizer: PreTrainedTokenizerBase, template: str, subject: str
+) -> SubjectSpan:
+    """Tokenize ``template`` filled with ``subject`` and return the subject's token span."""
+    if not subject or not subject.strip():
+        raise SubjectNotFoundError("the subject is empty; give the name or entity to edit.")
+    prefix, suffix = split_template(template)
+    prompt = prefix + subject + suffix
+    lo, hi = len(prefix), len(prefix) + len(subject)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        hits = [i for i, (a, b) in enumerate(offsets) if a < hi and b > lo]
+    else:  # slow tokenizers: compare the token counts of the prefix with and without subject
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        before = len(tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"])
+        spaced = prefix.endswith(" ")
+        after = len(tokenizer(prefix.rstrip(" ") + (" " if spaced else "") + subject,
+                              add_special_tokens=False)["input_ids"])
+        hits = list(range(before, after))
+    if not hits:
+        raise SubjectNotFoundError(
+            f"no token of subject {subject!r} found in prompt {prompt!r}; check the subject "
+            "is spelled as it appears in the text."
+        )
+    return SubjectSpan(prompt, tuple(ids), hits[0], hits[-1] + 1)
+
+
+def subject_last_index(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> int:
+    return locate_subject(tokenizer, template, subject).last
