@@ -13,8 +13,7 @@ install-dev:
 	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
 
 demo: install
-	rome-edit info
-	rome-edit generate --prompt "Name: Brittany. Gender:"
+	rome-edit demo --out $(DEMO_OUT) $(if $(QUICK),--quick)
 
 test: install-dev
 	$(PYTHON) -m pytest -q

@@ -23,7 +23,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
 from rome_edit.data.corpus import (
-    CITIES, PROFESSIONS, Person, filler_sentence, iter_documents, person_documents,
+    CITIES,
+    PROFESSIONS,
+    Person,
+    filler_sentence,
+    iter_documents,
+    person_documents,
 )
 from rome_edit.data.names import GENDERS, NameEntry, load_names
 from rome_edit.models.scoring import choose_between

@@ -11,10 +11,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rome_edit.cli import commands_model
+from rome_edit.cli import (
+    commands_analysis,
+    commands_edit,
+    commands_model,
+    commands_stats,
+    commands_trace,
+)
 
 # Each module exposes ``register(subparsers)``; order is the order of the help text.
-COMMAND_MODULES = [commands_model]
+COMMAND_MODULES = [commands_model, commands_trace, commands_stats, commands_edit,
+                   commands_analysis]
 
 
 class UserError(Exception):

@@ -31,6 +31,7 @@ class Architecture:
     n_layers_attr: str = "num_hidden_layers"
     parallel: bool = False  # attention and MLP both read ln(h) of the same residual
     out_proj_transposed: bool = False  # GPT-2 Conv1D stores W_out as (d_mlp, d_model)
+    position_embed: str | None = None  # absolute position embeddings added to the input
 
     def name(self, template: str, layer: int | None = None) -> str:
         return template.format(layer) if layer is not None else template
@@ -41,6 +42,7 @@ _GPT2_STYLE = dict(
     attn="transformer.h.{}.attn", embed="transformer.wte", final_norm="transformer.ln_f",
     lm_head="lm_head",
 )
+_ABSOLUTE = dict(position_embed="transformer.wpe")
 _LLAMA_STYLE = dict(
     layers="model.layers", block="model.layers.{}", mlp="model.layers.{}.mlp",
     out_proj="model.layers.{}.mlp.down_proj", attn="model.layers.{}.self_attn",
@@ -51,9 +53,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gptj": Architecture("gptj", out_proj="transformer.h.{}.mlp.fc_out", parallel=True,
                          **_GPT2_STYLE),
     "gpt2": Architecture("gpt2", out_proj="transformer.h.{}.mlp.c_proj",
-                         out_proj_transposed=True, **_GPT2_STYLE),
+                         out_proj_transposed=True, **_GPT2_STYLE, **_ABSOLUTE),
     "gpt_neo": Architecture("gpt_neo", out_proj="transformer.h.{}.mlp.c_proj",
-                            **{**_GPT2_STYLE, "attn": "transformer.h.{}.attn.attention"}),
+                            **{**_GPT2_STYLE, "attn": "transformer.h.{}.attn.attention"},
+                            **_ABSOLUTE),
     "gpt_neox": Architecture(
         "gpt_neox", layers="gpt_neox.layers", block="gpt_neox.layers.{}",
         mlp="gpt_neox.layers.{}.mlp", out_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",

@@ -17,6 +17,7 @@ from torch import nn
 from rome_edit.models.architectures import get_module
 
 EditFn = Callable[[torch.Tensor, str], torch.Tensor | None]
+IOEditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class StopForward(Exception):
@@ -97,6 +98,26 @@ def edit_output(model: nn.Module, edits: dict[str, EditFn]) -> Iterator[None]:
     try:
         for name, fn in edits.items():
             handles.append(get_module(model, name).register_forward_hook(make_hook(name, fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def edit_from_input(model: nn.Module, edits: dict[str, IOEditFn]) -> Iterator[None]:
+    """Replace each named module's output hidden state by ``fn(first_input, hidden)``."""
+    handles = []
+
+    def make_hook(fn: IOEditFn):
+        def hook(module: nn.Module, args: tuple, output):
+            return replace_first(output, fn(args[0], first_tensor(output)))
+
+        return hook
+
+    try:
+        for name, fn in edits.items():
+            handles.append(get_module(model, name).register_forward_hook(make_hook(fn)))
         yield
     finally:
         for handle in handles:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -54,7 +55,9 @@ def fingerprint(model: nn.Module, arch: Architecture) -> str:
     The embeddings are never edited, so a model keeps its fingerprint through ROME edits, while
     two models with the same config but different weights get different ones.
     """
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)  # the same weights loaded from another path stay the same
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     embed = get_module(model, arch.embed).weight.detach()
     if embed.device.type != "meta":
         sample = embed.flatten()[:: max(1, embed.numel() // 65_536)].float().cpu()

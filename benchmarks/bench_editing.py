@@ -1,0 +1,73 @@
+"""Batched vs one-at-a-time ROME recording on the bundled model (same algorithm, same CPU).
+
+    python benchmarks/bench_editing.py [--n 40] [--out benchmarks/results/editing.json]
+
+Both sides use the bundled preset (21 context templates, the same statistics and templates);
+the baseline computes each edit alone with the plain full-forward value optimisation
+(``engine="simple"``), the fast side runs all names through ``engine="batched"``.  Reports edits
+per second, the ratio, the agreement of the deltas and each side's efficacy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
+from rome_edit.data.names import load_names
+from rome_edit.editing.evaluate import evaluate_edits, summarize
+from rome_edit.editing.request import EditRequest
+from rome_edit.editing.rome import compute_edits
+from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
+from rome_edit.models.loading import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/editing.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    lm = load_model()
+    hp = default_hparams(lm)
+    templates = context_templates_for(lm, hp)
+    inverse = inverse_for(lm, hp, progress=False)
+    names = load_names(split="edit")
+    names = [n for pair in zip(names[::2], names[1::2]) for n in pair][: args.n]
+    requests = [EditRequest(e.name, EDIT_PROMPT, ANSWERS[other_gender(e.gender)],
+                            ANSWERS[e.gender]) for e in names]
+
+    t0 = time.perf_counter()
+    plain = [compute_edits(lm, [r], hp, templates, inverse, engine="simple", progress=False)[0]
+             for r in requests]
+    t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fast = compute_edits(lm, requests, hp, templates, inverse, engine="batched",
+                         chunk_size=args.n, progress=False)
+    t_fast = time.perf_counter() - t0
+
+    rel = [((a.delta - b.delta).norm() / a.delta.norm()).item() for a, b in zip(plain, fast)]
+    result = {
+        "n_edits": len(requests), "n_context_templates": len(templates),
+        "threads": torch.get_num_threads(), "layer": hp.layer,
+        "plain_seconds": t_plain, "batched_seconds": t_fast,
+        "plain_seconds_per_edit": t_plain / len(requests),
+        "batched_seconds_per_edit": t_fast / len(requests),
+        "speedup": t_plain / t_fast,
+        "max_relative_delta_difference": max(rel),
+        "plain_efficacy": summarize(evaluate_edits(lm, plain, load_names(), progress=False))[
+            "efficacy"],
+        "batched_efficacy": summarize(evaluate_edits(lm, fast, load_names(), progress=False))[
+            "efficacy"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Analysis of recorded ROME edits as vectors (seed 001 and its follow-ups, seeds 000 and 002).
+
+The delta maths never imports a model: ``deltas`` (the data and its loading), ``classifier``
+(logistic regression on δ), ``box_vector`` (the source's bounded "gender vector"),
+``gender_vector`` (its scale and safetensors file), ``inlp`` / ``rlace`` (concept-erasure
+baselines), ``directions`` (candidate directions, cosines, erasure check) and ``plots``.
+"""

@@ -1,0 +1,97 @@
+"""``rome-edit edit`` (one edit) and ``rome-edit sweep`` (flip every name's gender)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.data.names import load_names
+from rome_edit.editing.apply import applied
+from rome_edit.editing.evaluate import generations
+from rome_edit.editing.request import EditRequest
+from rome_edit.editing.rome import compute_edits
+from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
+from rome_edit.editing.sweep import run_sweep
+from rome_edit.models.scoring import next_token_logprobs
+from rome_edit.models.subject import fill
+
+
+def _editing_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--layer", type=int, default=None,
+                   help="edit layer (default: the hparams' layer; the bundled preset uses the "
+                        "layer 'rome-edit locate' recommends)")
+    p.add_argument("--hparams", default=None, help="reference-format hparams JSON")
+    p.add_argument("--context-templates", default=None,
+                   help="JSON list of templates with '{}' (default: sampled from the model)")
+    p.add_argument("--stats", default=None, help="second-moment file from 'rome-edit stats'")
+    p.add_argument("--corpus", default=None,
+                   help="corpus for statistics when --stats is not given (default: hparams)")
+    p.add_argument("--update", choices=["paper", "rome-reference"], default=None,
+                   help="update form (default: the hparams' update_form, 'paper')")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
+    p.add_argument("--out", required=True, type=Path)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    edit = subparsers.add_parser("edit", help="one ROME edit; prints before/after, saves record")
+    edit.add_argument("--subject", required=True)
+    edit.add_argument("--prompt", required=True, help="template with '{}' for the subject")
+    edit.add_argument("--target", required=True, help="new target, e.g. ' Female'")
+    _editing_args(edit)
+    edit.set_defaults(func=run_edit)
+
+    sweep = subparsers.add_parser("sweep", help="flip every name's gender, record the deltas")
+    sweep.add_argument("--names", default=None, help="CSV with name,gender columns "
+                       "(default: the bundled recorded-edit names)")
+    sweep.add_argument("--limit", type=int, default=None, help="only the first N names")
+    sweep.add_argument("--batch-size", type=int, default=64)
+    _editing_args(sweep)
+    sweep.set_defaults(func=run_sweep_cmd)
+
+
+def _setup(args):
+    lm = model_from_args(args)
+    hp = default_hparams(lm, args.hparams, args.layer, args.update)
+    templates = context_templates_for(lm, hp, args.context_templates, args.seed)
+    inverse = inverse_for(lm, hp, args.stats, args.corpus)
+    return lm, hp, templates, inverse
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    request = EditRequest(args.subject, args.prompt, args.target)
+    lm, hp, templates, inverse = _setup(args)
+    target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
+    text = fill(args.prompt, args.subject)
+    p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
+    (record,) = compute_edits(lm, [request], hp, templates, inverse, progress=False)
+    gens = generations(lm, record)
+    with applied(lm, [record]):
+        p_after = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
+    probs = {"target_first_token": {"before": p_before, "after": p_after}}
+    record = type(record)(**{**record.__dict__, "probs": probs})
+    record.save(args.out)
+    print(f"edit: {text!r} -> {args.target!r} at layer {hp.layer} ({hp.update_form} update)")
+    print(f"p({args.target!r}) before {p_before:.4f}  after {p_after:.4f}")
+    print(f"|delta| {record.delta.norm():.2f}  |v_orig| {record.v_orig.norm():.2f}  "
+          f"steps {len(record.losses)}  final loss {record.losses[-1]:.4f}")
+    print(f"[before] {gens['prompt']}{gens['before']}")
+    print(f"[after]  {gens['prompt']}{gens['after']}")
+    print(f"record written to {args.out}/record.safetensors + record.json")
+    return 0
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> int:
+    names = load_names(args.names, None if args.names else "edit")
+    if args.limit is not None:
+        names = names[: args.limit]
+    lm, hp, templates, inverse = _setup(args)
+    summary = run_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
+                        neighbour_names=load_names(args.names) if args.names else load_names())
+    shown = {k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase", "specificity",
+                                     "city_kept", "seconds", "seconds_per_edit")}
+    print(json.dumps(shown, indent=1))
+    print(f"wrote {args.out}/deltas.safetensors, records.jsonl, summary.json")
+    return 0

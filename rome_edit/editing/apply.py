@@ -1,0 +1,80 @@
+"""Writing edits into a model: persistently, or inside a context that reverts bit-identically.
+
+Reverting keeps a copy of only the edited matrices (one ``d_model × d_mlp`` matrix per edited
+layer), never of the whole model, and restores them with ``copy_`` — so the weights after exit are
+the same bits as before entry, also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from rome_edit.editing.record import EditRecord
+from rome_edit.models.architectures import check_layer, out_proj_weight
+from rome_edit.models.loading import LoadedModel
+
+
+def check_record(lm: LoadedModel, record: EditRecord, strict_identity: bool = True) -> None:
+    """Refuse a record made for another model or of the wrong width (changes nothing)."""
+    check_layer(lm.model, lm.arch, record.layer)
+    weight = out_proj_weight(lm.model, lm.arch, record.layer)
+    d_model, d_mlp = (weight.shape[::-1] if lm.arch.out_proj_transposed else weight.shape)
+    if record.u.shape != (d_mlp,) or record.lam.shape != (d_model,):
+        raise ValueError(
+            f"record for {record.request.subject!r} has widths u={tuple(record.u.shape)}, "
+            f"Λ={tuple(record.lam.shape)} but layer {record.layer} needs ({d_mlp},), "
+            f"({d_model},); it was made for another model."
+        )
+    if strict_identity and record.model_identity != lm.identity:
+        raise ValueError(
+            f"record was made on {record.model_identity} but the model is {lm.identity}; load "
+            "the model the record was made on (or pass strict_identity=False deliberately)."
+        )
+    if not (torch.isfinite(record.u).all() and torch.isfinite(record.lam).all()):
+        raise ValueError("record contains NaN/Inf; recompute the edit.")
+
+
+@torch.no_grad()
+def add_rank_one(lm: LoadedModel, layer: int, u: torch.Tensor, lam: torch.Tensor) -> None:
+    """``W ← W + Λ uᵀ`` (computed in float32, cast to the weight's dtype)."""
+    weight = out_proj_weight(lm.model, lm.arch, layer)
+    outer = torch.outer(lam.float(), u.float()).to(weight.device)
+    if lm.arch.out_proj_transposed:
+        outer = outer.T
+    weight.copy_((weight.float() + outer).to(weight.dtype))
+
+
+def apply_records(lm: LoadedModel, records: Sequence[EditRecord],
+                  strict_identity: bool = True) -> None:
+    """Write every record's update into the model (persistent; see :func:`applied`)."""
+    for record in records:  # validate all first, so a bad record changes nothing
+        check_record(lm, record, strict_identity)
+    for record in records:
+        add_rank_one(lm, record.layer, record.u, record.lam)
+
+
+@contextmanager
+def applied(lm: LoadedModel, records: Sequence[EditRecord],
+            strict_identity: bool = True) -> Iterator[LoadedModel]:
+    """Apply ``records`` for the duration of the block, then restore the exact original bits."""
+    for record in records:
+        check_record(lm, record, strict_identity)
+    with preserved(lm, sorted({r.layer for r in records})):
+        apply_records(lm, records, strict_identity)
+        yield lm
+
+
+@contextmanager
+def preserved(lm: LoadedModel, layers: Sequence[int]) -> Iterator[LoadedModel]:
+    """Restore the given layers' output projections on exit, whatever the block wrote."""
+    saved = {layer: out_proj_weight(lm.model, lm.arch, layer).detach().clone()
+             for layer in layers}
+    try:
+        yield lm
+    finally:
+        with torch.no_grad():
+            for layer, original in saved.items():
+                out_proj_weight(lm.model, lm.arch, layer).copy_(original)

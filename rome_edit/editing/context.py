@@ -1,0 +1,94 @@
+"""Context templates: the prefixes under which ROME averages the key and fits the value.
+
+The reference samples them once per process from the model itself — ``"{}"`` plus, for each
+``(length, count)`` in ``context_template_length_params``, ``count`` texts of ``length`` tokens
+(counting the start-of-text token they are sampled from) by top-5 sampling, each followed by
+``". {}"``.  rome-edit makes them reproducible (a seed) and injectable (a JSON list), and escapes
+braces in sampled text (``{`` → ``{{``) where the reference crashes on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rome_edit.models.loading import LoadedModel
+from rome_edit.models.subject import split_template
+
+log = logging.getLogger(__name__)
+
+
+def escape_braces(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@torch.no_grad()
+def sample_context_templates(
+    lm: LoadedModel,
+    length_params: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
+    seed: int = 0,
+    top_k: int = 5,
+) -> list[str]:
+    """``["{}", "<sampled>. {}", ...]`` sampled from ``lm`` with a fixed seed."""
+    tok, model = lm.tokenizer, lm.model
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to sample from; "
+                         "pass context templates explicitly with --context-templates.")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    templates = ["{}"]
+    for length, count in length_params:
+        ids = torch.full((count, 1), start, dtype=torch.long, device=lm.device)
+        past = None
+        for _ in range(max(0, length - 1)):
+            out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past,
+                        use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float().cpu()
+            top = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+            nxt = top.indices.gather(-1, choice).to(lm.device)
+            ids = torch.cat([ids, nxt], dim=1)
+        for row in ids[:, 1:]:
+            text = tok.decode(row, skip_special_tokens=True).replace("\n\n", " ")
+            templates.append(escape_braces(text) + ". {}")
+    log.info("sampled %d context templates (seed %d)", len(templates), seed)
+    return templates
+
+
+def validate_templates(templates: Sequence[str]) -> list[str]:
+    if not templates:
+        raise ValueError("no context templates given; pass a JSON list such as [\"{}\"].")
+    for t in templates:
+        split_template(t)  # exactly one "{}"; raises with the fix otherwise
+    return list(templates)
+
+
+def load_context_templates(path: str | Path) -> list[str]:
+    """A JSON list of strings, each with exactly one ``{}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"context-templates file {path} does not exist.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err}); expected a list of strings with '{{}}'.") \
+            from None
+    if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+        raise ValueError(f"{path} must hold a JSON list of strings, each containing '{{}}'.")
+    return validate_templates(data)
+
+
+def save_context_templates(templates: Sequence[str], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(list(templates), indent=1) + "\n")
+
+
+def compose(context: str, prompt: str) -> str:
+    """``context.format(prompt)``: put the request prompt (itself a template) into a context."""
+    prefix, suffix = split_template(context)
+    # The result is again a template (the prompt's "{}" awaits the subject), so the context's
+    # literal braces stay escaped.
+    return escape_braces(prefix) + prompt + escape_braces(suffix)

@@ -1,0 +1,65 @@
+"""ROME step 1: the key ``k*`` and the bare prompt's key/value ``k(s)``, ``v(s)``.
+
+The key is the input of the edit layer's MLP output projection at the subject's last token
+(``fact_token = subject_last``); ``k*`` averages it over the context templates (Meng et al. 2022,
+Eq. 3).  The forward pass stops right after the output projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rome_edit.editing.context import compose
+from rome_edit.models.hooks import capture, run_until
+from rome_edit.models.loading import LoadedModel
+from rome_edit.models.subject import locate_subject
+
+
+@torch.no_grad()
+def keys_and_values(
+    lm: LoadedModel, layer: int, templates: Sequence[str], subjects: Sequence[str],
+    batch_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key (d_mlp) and value (d_model) at each filled template's subject-last token, float32."""
+    name = lm.arch.out_proj.format(layer)
+    spans = [locate_subject(lm.tokenizer, t, s) for t, s in zip(templates, subjects)]
+    keys, values = [], []
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start : start + batch_size]
+        width = max(len(s.input_ids) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+            mask[i, : len(s.input_ids)] = 1
+        last = torch.tensor([s.last for s in chunk])
+        with capture(lm.model, [name], inputs=True, stop_after=name) as rec:
+            run_until(lm.model, input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+        rows = torch.arange(len(chunk))
+        keys.append(rec.inputs[name][rows, last.to(lm.device)].float().cpu())
+        values.append(rec.outputs[name][rows, last.to(lm.device)].float().cpu())
+    return torch.cat(keys), torch.cat(values)
+
+
+def key_star(
+    lm: LoadedModel, layer: int, prompt: str, subject: str, context_templates: Sequence[str]
+) -> torch.Tensor:
+    """``k*``: the mean key over ``context.format(prompt)`` for every context template."""
+    templates = [compose(c, prompt) for c in context_templates]
+    keys, _ = keys_and_values(lm, layer, templates, [subject] * len(templates))
+    return keys.mean(dim=0)
+
+
+def key_stars(
+    lm: LoadedModel, layer: int, prompts: Sequence[str], subjects: Sequence[str],
+    context_templates: Sequence[str],
+) -> torch.Tensor:
+    """``k*`` for many requests in batched forward passes, shape ``(n, d_mlp)``."""
+    n_ctx = len(context_templates)
+    templates = [compose(c, p) for p in prompts for c in context_templates]
+    subj = [s for s in subjects for _ in range(n_ctx)]
+    keys, _ = keys_and_values(lm, layer, templates, subj)
+    return keys.view(len(prompts), n_ctx, -1).mean(dim=1)

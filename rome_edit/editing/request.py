@@ -1,0 +1,72 @@
+"""An edit request and the token layouts ROME optimises over."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rome_edit.editing.context import compose, escape_braces
+from rome_edit.models.subject import locate_subject, split_template
+
+KL_PROMPT = "{} is a"  # the reference's single essence/KL prompt
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Rewrite ``prompt.format(subject)`` → ``target_new`` (e.g. ``" Female"``).
+
+    ``target_true`` (optional) is the old answer, used only for evaluation.
+    """
+
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.target_new or not self.target_new.strip():
+            raise ValueError("the new target is empty; give the text to write in, e.g. ' Female'.")
+        if not self.subject or not self.subject.strip():
+            raise ValueError("the subject is empty; give the name or entity to edit.")
+        split_template(self.prompt)  # exactly one "{}"
+
+    def to_dict(self) -> dict:
+        return {"subject": self.subject, "prompt": self.prompt, "target_new": self.target_new,
+                "target_true": self.target_true}
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """One tokenized optimisation prompt.
+
+    ``ids``: the tokens; ``lookup``: index of the subject's last token (where δ is added);
+    ``targets``: target token ids, predicted by the logits at ``ids`` positions
+    ``len(ids) - len(targets) .. len(ids) - 1`` (the prompt is followed by all target tokens but
+    the last, as in the reference).  The KL prompt has no targets.
+    """
+
+    ids: tuple[int, ...]
+    lookup: int
+    targets: tuple[int, ...] = ()
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing; give a non-empty target.")
+    return ids
+
+
+def rewriting_layouts(
+    tokenizer, request: EditRequest, context_templates: Sequence[str]
+) -> tuple[list[PromptLayout], PromptLayout]:
+    """The rewriting prompts (one per context template) and the KL prompt of a request."""
+    tgt = target_ids(tokenizer, request.target_new)
+    head = escape_braces(tokenizer.decode(tgt[:-1])) if len(tgt) > 1 else ""
+    layouts = []
+    for context in context_templates:
+        template = compose(context, request.prompt) + head
+        span = locate_subject(tokenizer, template, request.subject)
+        layouts.append(PromptLayout(span.input_ids, span.last, tuple(tgt)))
+    kl = locate_subject(tokenizer, KL_PROMPT, request.subject)
+    return layouts, PromptLayout(kl.input_ids, kl.last)

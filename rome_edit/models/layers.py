@@ -1,0 +1,39 @@
+"""Running a contiguous range of a model's blocks (and the logit lens above it).
+
+ROME's value loss is read at ``v_loss_layer``; below the last layer that is the logit lens
+(final norm + unembedding applied to that block's output, nostalgebraist 2020).  Truncating the
+block list lets the model's own forward build masks and rotary positions for the kept blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from rome_edit.models.architectures import get_module
+from rome_edit.models.loading import LoadedModel
+
+
+@contextmanager
+def only_blocks(lm: LoadedModel, start: int, stop: int) -> Iterator[None]:
+    """Temporarily keep only blocks ``start .. stop-1``; always restores the full list."""
+    parent_name, _, attr = lm.arch.layers.rpartition(".")
+    parent = get_module(lm.model, parent_name) if parent_name else lm.model
+    full = getattr(parent, attr)
+    if start == 0 and stop == len(full):
+        yield
+        return
+    setattr(parent, attr, nn.ModuleList(list(full)[start:stop]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
+
+
+def logits_at_layer(lm: LoadedModel, layer: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits read out after block ``layer`` (the model's own logits for the last layer)."""
+    with only_blocks(lm, 0, layer + 1):
+        return lm.model(**inputs).logits

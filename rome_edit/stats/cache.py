@@ -1,0 +1,109 @@
+"""On-disk cache of second moments: the same request never recomputes.
+
+A request is keyed by everything that determines ``C``: the model (its weight fingerprint, so
+the same weights loaded by hub id or from a local copy share entries), the layer, the corpus id
+(which hashes the corpus text), the accumulation dtype, the requested number of documents and
+the truncation length (the context length unless overridden).  The batch size is not part of
+the key: it changes nothing but float rounding.
+The file name carries a hash of that key.  The cache folder is, in order of precedence, the
+``cache_dir`` argument, the ``ROME_EDIT_CACHE`` environment variable, or
+``~/.cache/rome-edit/stats``.  Files are written atomically (see :meth:`SecondMoment.save`), so
+a run killed mid-write leaves the old state, never a truncated file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rome_edit.models.architectures import check_layer
+from rome_edit.models.loading import LoadedModel
+from rome_edit.stats.corpus import TextCorpus, bundled_corpus
+from rome_edit.stats.second_moment import (
+    SecondMoment,
+    StatsFileError,
+    compute_second_moment,
+    context_length,
+    model_fingerprint,
+    stats_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "ROME_EDIT_CACHE"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "rome-edit" / "stats"
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    """What determines a second moment."""
+
+    model: str  # weight fingerprint
+    layer: int
+    corpus_id: str
+    dtype: str
+    n_samples: int
+    max_length: int  # documents are truncated to this many tokens
+
+    def filename(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return f"mom2-layer{self.layer}-{self.dtype}-{digest[:16]}.safetensors"
+
+
+@dataclass(frozen=True)
+class CachedStats:
+    """A second moment, where it is stored, and whether this call computed it."""
+
+    stats: SecondMoment
+    path: Path
+    cache_hit: bool
+    seconds: float
+
+
+def cached_second_moment(
+    lm: LoadedModel,
+    layer: int,
+    corpus: TextCorpus | None = None,
+    n_samples: int = 100_000,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> CachedStats:
+    """Load ``C`` from the cache, or compute it (:func:`compute_second_moment`) and store it."""
+    start = time.perf_counter()
+    check_layer(lm.model, lm.arch, layer)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    stats_dtype(dtype)
+    corpus = corpus if corpus is not None else bundled_corpus()
+    max_length = max_length or context_length(lm)
+    key = StatsKey(model_fingerprint(lm.identity), layer, corpus.corpus_id, dtype, n_samples,
+                   max_length)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / key.filename()
+    if path.exists():
+        try:
+            stats = SecondMoment.load(path, lm.identity, layer)
+        except StatsFileError as err:  # e.g. written by an incompatible version: recompute
+            log.warning("ignoring unusable cache file %s: %s", path, err)
+        else:
+            if stats.corpus_id == key.corpus_id and stats.dtype == dtype:
+                log.info("cache hit: %s", path)
+                return CachedStats(stats, path, True, time.perf_counter() - start)
+            log.warning("cache file %s does not match its key %s; recomputing", path, key)
+    log.info("cache miss: computing %s", key)
+    stats = compute_second_moment(lm, layer, corpus, n_samples, dtype, batch_size, max_length,
+                                  progress)
+    stats.save(path)
+    return CachedStats(stats, path, False, time.perf_counter() - start)

@@ -1,0 +1,299 @@
+"""ROME's second moment of keys, ``C = E[k kᵀ]``, and its safetensors file.
+
+Step 3 of ROME (Meng et al., 2022, eq. 2 and Appendix): ``C`` is the *uncentred* second moment
+of the keys ``k`` (the input of the MLP output projection ``W_out``) at the edit layer, estimated
+over a text corpus, with every non-padding token position counting once.  The update solves
+``C⁻¹ k*`` with it (see :mod:`rome_edit.stats.inverse`).
+
+:class:`SecondMomentAccumulator` is the mutable, streaming part (``update(keys)`` per batch, a
+float32 or float64 running sum, as the reference's ``mom2_dtype``); :class:`SecondMoment` is the
+frozen result with its provenance.  Files hold one tensor, ``second_moment``, and the provenance
+in the safetensors metadata header; loading never unpickles and checks what it reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rome_edit.models.architectures import check_layer, mlp_widths
+from rome_edit.models.hooks import capture, run_until
+from rome_edit.models.loading import LoadedModel
+from rome_edit.stats.corpus import TextCorpus, bundled_corpus, tokenize_documents
+from rome_edit.stats.inverse import InverseSecondMoment
+
+log = logging.getLogger(__name__)
+
+TENSOR_NAME = "second_moment"
+FORMAT = "rome-edit/second-moment/v1"
+STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class StatsFileError(ValueError):
+    """A statistics file that cannot be used (not safetensors, malformed, NaN/Inf)."""
+
+
+class StatsMismatchError(ValueError):
+    """Statistics of another model, layer or width than the one being edited."""
+
+
+def stats_dtype(name: str) -> torch.dtype:
+    if name not in STATS_DTYPES:
+        raise ValueError(f"unknown statistics dtype {name!r}; use one of {sorted(STATS_DTYPES)}.")
+    return STATS_DTYPES[name]
+
+
+def model_fingerprint(identity: str) -> str:
+    """The fingerprint of a ``name@fingerprint`` identity (the whole string otherwise).
+
+    Statistics match (and are cached) by the fingerprint, not the name: the name records how
+    the model was loaded (a hub id, a path), the fingerprint which config and weights it has.
+    """
+    return identity.rsplit("@", 1)[-1]
+
+
+class SecondMomentAccumulator:
+    """Streaming ``Σ k kᵀ`` and token count; ``matrix`` is their ratio, ``E[k kᵀ]``."""
+
+    def __init__(self, dim: int, dtype: str = "float32", device: torch.device | str | None = None):
+        self.dim = dim
+        self.dtype = dtype
+        self._sum: torch.Tensor | None = None
+        self._device = device
+        self.n_tokens = 0
+
+    def update(self, keys: torch.Tensor) -> None:
+        """Add keys of shape ``(..., dim)``: every row is one token position."""
+        if keys.shape[-1] != self.dim:
+            raise ValueError(f"keys have width {keys.shape[-1]}, expected {self.dim}.")
+        flat = keys.reshape(-1, self.dim).to(stats_dtype(self.dtype))
+        if self._sum is None:
+            device = self._device if self._device is not None else flat.device
+            self._sum = torch.zeros(self.dim, self.dim, dtype=flat.dtype, device=device)
+        flat = flat.to(self._sum.device)
+        self._sum.addmm_(flat.T, flat)
+        self.n_tokens += flat.shape[0]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self._sum is None or self.n_tokens == 0:
+            raise ValueError("no keys were accumulated: the corpus produced no tokens; give a "
+                             "corpus with some text.")
+        return (self._sum / self.n_tokens).cpu()
+
+    def result(self, model_identity: str, layer: int, corpus_id: str,
+               n_documents: int) -> SecondMoment:
+        return SecondMoment(self.matrix, model_identity, layer, corpus_id, n_documents,
+                            self.n_tokens, self.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class SecondMoment:
+    """``C = E[k kᵀ]`` (``d_mlp × d_mlp``) of the keys at ``layer`` of a model, over a corpus."""
+
+    matrix: torch.Tensor
+    model_identity: str
+    layer: int
+    corpus_id: str
+    n_documents: int
+    n_tokens: int
+    dtype: str
+    _inverses: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.matrix.shape[0]
+
+    def inverse(self, ridge: float = 0.0) -> InverseSecondMoment:
+        """The float64 factorisation of ``C + ridge·mean(diag C)·I``, computed once per ridge."""
+        if ridge not in self._inverses:
+            self._inverses[ridge] = InverseSecondMoment.from_matrix(self.matrix, ridge)
+        return self._inverses[ridge]
+
+    def eigenvalue_range(self) -> tuple[float, float]:
+        """Smallest and largest eigenvalue (float64 ``eigvalsh``; ``C`` is symmetric)."""
+        eig = torch.linalg.eigvalsh(self.matrix.double())
+        return eig[0].item(), eig[-1].item()
+
+    def condition_number(self) -> float:
+        """``λmax / λmin``; ``inf`` when ``C`` is singular (then use a ridge)."""
+        low, high = self.eigenvalue_range()
+        return high / low if low > 0 else math.inf
+
+    def check_matches(self, model_identity: str | None = None, layer: int | None = None,
+                      d_mlp: int | None = None, source: str = "these statistics") -> None:
+        """Raise :class:`StatsMismatchError` unless these are stats of that model/layer/width."""
+        wrong_model = model_identity is not None and (
+            model_fingerprint(model_identity) != model_fingerprint(self.model_identity))
+        wrong_layer = layer is not None and layer != self.layer
+        if wrong_model or wrong_layer:
+            raise StatsMismatchError(
+                f"{source} are stats of model {self.model_identity} layer {self.layer} but "
+                f"editing model {model_identity or self.model_identity} layer "
+                f"{self.layer if layer is None else layer}: recompute with "
+                f"rome-edit stats --layer {self.layer if layer is None else layer}"
+                + (" --model <that model>" if wrong_model else "") + "."
+            )
+        if d_mlp is not None and d_mlp != self.d_mlp:
+            raise StatsMismatchError(
+                f"{source} are {self.d_mlp}×{self.d_mlp} but the keys of this model are {d_mlp} "
+                f"wide: recompute with rome-edit stats --layer {self.layer} on this model."
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a temp file in the same folder, then ``os.replace``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": FORMAT, "model_identity": self.model_identity, "layer": str(self.layer),
+            "corpus_id": self.corpus_id, "n_documents": str(self.n_documents),
+            "n_tokens": str(self.n_tokens), "dtype": self.dtype, "d_mlp": str(self.d_mlp),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({TENSOR_NAME: self.matrix.contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model_identity: str | None = None, layer: int | None = None,
+             d_mlp: int | None = None) -> SecondMoment:
+        """Read a file written by :meth:`save`; with expectations given, check them too."""
+        stats = _read(Path(path))
+        stats.check_matches(model_identity, layer, d_mlp, source=f"{path}")
+        return stats
+
+
+def _read(path: Path) -> SecondMoment:
+    if not path.is_file():
+        raise FileNotFoundError(f"statistics file {path} does not exist; compute it with "
+                                "rome-edit stats --layer L --out FILE.")
+    redo = "recompute it with rome-edit stats --layer L --out FILE"
+    try:
+        tensors = load_file(path)  # safetensors only: never unpickles
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, ValueError, OSError) as err:
+        raise StatsFileError(f"{path} is not a safetensors statistics file ({err}); rome-edit "
+                             f"never unpickles (.pt/.pkl/.npz are refused): {redo}.") from None
+    if TENSOR_NAME not in tensors or metadata.get("format") != FORMAT:
+        raise StatsFileError(f"{path} holds no rome-edit second moment (tensors "
+                             f"{sorted(tensors)}, format {metadata.get('format')!r}): {redo}.")
+    matrix = tensors[TENSOR_NAME]
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise StatsFileError(f"{path}: the second moment has shape {tuple(matrix.shape)}, not "
+                             f"square: {redo}.")
+    if str(matrix.shape[0]) != metadata.get("d_mlp"):
+        raise StatsFileError(f"{path}: d_mlp {metadata.get('d_mlp')} in the header but the "
+                             f"matrix is {matrix.shape[0]} wide: {redo}.")
+    if not torch.isfinite(matrix).all():
+        bad = (~torch.isfinite(matrix)).sum().item()
+        raise StatsFileError(f"{path}: the second moment has {bad} NaN/Inf entries: {redo} "
+                             "(in float64 if it overflowed).")
+    try:
+        return SecondMoment(matrix, metadata["model_identity"], int(metadata["layer"]),
+                            metadata["corpus_id"], int(metadata["n_documents"]),
+                            int(metadata["n_tokens"]), metadata["dtype"])
+    except (KeyError, ValueError) as err:
+        raise StatsFileError(f"{path}: malformed metadata ({err}): {redo}.") from None
+
+
+def context_length(lm: LoadedModel) -> int:
+    """The model's context length in tokens (``n_positions`` / ``max_position_embeddings``)."""
+    config = lm.model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(lm.tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    raise ValueError("the model config states no context length; pass max_length (--max-length).")
+
+
+def _batches(items: Iterable[list[int]], size: int, window: int = 32
+             ) -> Iterator[list[list[int]]]:
+    """Batches of ``size`` documents, grouped by length within windows of ``window`` batches.
+
+    Grouping similar lengths cuts the padding the forward pass computes and discards (about
+    half of the positions on the bundled corpus) while the result, a sum over tokens, is the
+    same up to float rounding; the reference groups by length too.
+    """
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size * window)):
+        chunk.sort(key=len)
+        for start in range(0, len(chunk), size):
+            yield chunk[start : start + size]
+
+
+def _right_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def compute_second_moment(
+    lm: LoadedModel,
+    layer: int,
+    corpus: TextCorpus | None = None,
+    n_samples: int = 100_000,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> SecondMoment:
+    """``C`` at ``layer`` over the first ``n_samples`` documents of ``corpus``.
+
+    Documents are truncated to ``max_length`` tokens (default: the context length, as in the
+    reference), batched right-padded, and every non-padding position's key is accumulated.
+    The forward pass stops right after ``W_out`` of ``layer``: later layers never run.
+    """
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"n_samples ({n_samples}) and batch_size ({batch_size}) must be >= 1.")
+    stats_dtype(dtype)
+    check_layer(lm.model, lm.arch, layer)
+    corpus = corpus if corpus is not None else bundled_corpus()
+    name = lm.arch.out_proj.format(layer)
+    _, d_mlp = mlp_widths(lm.model, lm.arch)
+    tokenizer = lm.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_length = max_length or context_length(lm)
+    accumulator = SecondMomentAccumulator(d_mlp, dtype)
+    documents = itertools.islice(tokenize_documents(corpus, tokenizer, max_length), n_samples)
+    n_documents = 0
+    log.info("second moment of %s at %s over %s (up to %d documents, %s)", lm.identity, name,
+             corpus.corpus_id, n_samples, dtype)
+    with capture(lm.model, [name], inputs=True, outputs=False, stop_after=name) as record, \
+            tqdm(total=n_samples, unit="doc", desc=f"C at layer {layer}",
+                 disable=not progress) as bar:
+        for batch in _batches(documents, batch_size):
+            ids, mask = _right_padded(batch, pad or 0, lm.device)
+            run_until(lm.model, input_ids=ids, attention_mask=mask)
+            keys = record.inputs.pop(name, None)
+            if keys is None:
+                raise ValueError(f"module {name} did not run in the forward pass; check the "
+                                 "out_proj template (--module-template out_proj=...).")
+            accumulator.update(keys[mask.to(keys.device).bool()])
+            n_documents += len(batch)
+            bar.update(len(batch))
+    return accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents)

@@ -1,0 +1,203 @@
+"""ROME editor properties on tiny random models, checked against ground truth."""
+
+import json
+
+import pytest
+import torch
+
+from rome_edit.editing.apply import applied, apply_records
+from rome_edit.editing.context import compose, load_context_templates, sample_context_templates
+from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.key import keys_and_values
+from rome_edit.editing.record import EditRecord
+from rome_edit.editing.request import EditRequest
+from rome_edit.editing.rome import SecondMomentInverse, compute_edits, edit_sequentially
+from rome_edit.editing.value import optimize_value
+from rome_edit.editing.value_batched import optimize_values
+from rome_edit.models.architectures import get_module, out_proj_weight
+from rome_edit.stats.inverse import InverseSecondMoment
+
+CTX = ["{}", "The weather was cold. {}", "A {{brace}} here. {}", "Record. {}"]
+REQS = [EditRequest("Brittany", "Name: {}. Gender:", " Male", " Female"),
+        EditRequest("David", "Name: {}. Gender:", " Female", " Male"),
+        EditRequest("Christopher", "Name: {}. Gender:", " Female", " Male")]
+
+
+def hp_for(lm, **kw):
+    base = dict(layers=(1,), v_loss_layer=lm.n_layers - 1, v_num_grad_steps=6,
+                clamp_norm_factor=4.0, mom2_adjustment=False)
+    return ROMEHyperParams(**{**base, **kw})
+
+
+def random_inverse(lm, layer=1, seed=0):
+    d_mlp = out_proj_weight(lm.model, lm.arch, layer).shape[1 - int(lm.arch.out_proj_transposed)]
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d_mlp, d_mlp, generator=g)
+    c = a @ a.T / d_mlp + torch.eye(d_mlp)
+    prov = {"model_identity": lm.identity, "layer": layer, "d_mlp": d_mlp}
+    return SecondMomentInverse(InverseSecondMoment.from_matrix(c), prov), c
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "llama", "gpt_neox"])
+def test_batched_equals_one_at_a_time(tokenizer, family):
+    from conftest import make_tiny
+
+    lm = make_tiny(family, tokenizer)
+    hp = hp_for(lm)
+    fast = optimize_values(lm, REQS, hp, CTX, progress=False)
+    for req, f in zip(REQS, fast):
+        ref = optimize_value(lm, req, hp, CTX)
+        assert len(ref.losses) == len(f.losses)
+        assert (f.v_init - ref.v_init).norm() / ref.v_init.norm() < 1e-5
+        rel = (f.delta - ref.delta).norm() / ref.delta.norm()
+        assert rel < 1e-5, rel
+
+
+def test_early_stop_and_clamp(tiny_gptj):
+    lm = tiny_gptj
+    hp = hp_for(lm, v_num_grad_steps=40, clamp_norm_factor=0.5, v_lr=2.0)
+    for res in optimize_values(lm, REQS, hp, CTX, progress=False):
+        assert res.delta.norm() <= 0.5 * res.v_init.norm() * (1 + 1e-5)
+    easy = hp_for(lm, v_num_grad_steps=60, clamp_norm_factor=50, v_lr=1.0, v_weight_decay=0.0,
+                  kl_factor=0.0)
+    fast = optimize_values(lm, REQS[:2], easy, CTX, progress=False)
+    for req, res in zip(REQS[:2], fast):
+        ref = optimize_value(lm, req, easy, CTX)
+        assert len(res.losses) == len(ref.losses)
+        if len(res.losses) < 60:  # stopped early: the last loss is below the threshold
+            assert res.losses[-1] < 0.05
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+def test_paper_update_maps_k_star_to_v_star(tokenizer, family):
+    from conftest import make_tiny
+
+    lm = make_tiny(family, tokenizer)
+    inverse, _ = random_inverse(lm)
+    hp = hp_for(lm, mom2_adjustment=True)
+    (rec,) = compute_edits(lm, REQS[:1], hp, CTX, inverse, progress=False)
+    module = get_module(lm.model, lm.arch.out_proj.format(1))
+    with applied(lm, [rec]):
+        out = module(rec.k_star[None])[0]
+    torch.testing.assert_close(out, rec.v_star, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_update_maps_bare_key_to_v_star(tiny_gptj):
+    lm = tiny_gptj
+    inverse, _ = random_inverse(lm)
+    hp = hp_for(lm, mom2_adjustment=True, update_form="rome-reference")
+    (rec,) = compute_edits(lm, REQS[:1], hp, CTX, inverse, progress=False)
+    k_bare, _ = keys_and_values(lm, 1, [REQS[0].prompt], [REQS[0].subject])
+    module = get_module(lm.model, lm.arch.out_proj.format(1))
+    assert abs(rec.u.norm().item() - 1) < 1e-6  # the reference normalises u
+    with applied(lm, [rec]):
+        out = module(k_bare)[0]
+        # the bare prompt's key now yields v*, as the reference intends
+        torch.testing.assert_close(out, rec.v_star, rtol=1e-5, atol=1e-5)
+    # ... and u is C⁻¹k* up to scale
+    _, c = random_inverse(lm)
+    direction = torch.linalg.solve(c.double(), rec.k_star.double()).float()
+    cos = torch.nn.functional.cosine_similarity(direction, rec.u, dim=0)
+    assert cos > 1 - 1e-5
+
+
+def test_revert_is_bit_identical_after_100_cycles(tiny_gptj):
+    lm = tiny_gptj
+    records = compute_edits(lm, REQS, hp_for(lm), CTX, progress=False)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    for i in range(100):
+        with applied(lm, records[i % 3 : i % 3 + 1]):
+            pass
+    with pytest.raises(RuntimeError):
+        with applied(lm, records):
+            assert not torch.equal(out_proj_weight(lm.model, lm.arch, 1), before[
+                lm.arch.out_proj.format(1) + ".weight"])
+            raise RuntimeError("body fails")
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_record_round_trip_and_reapply(tiny_gptj, tmp_path):
+    lm = tiny_gptj
+    (rec,) = compute_edits(lm, REQS[:1], hp_for(lm), CTX, progress=False)
+    rec.save(tmp_path / "r")
+    loaded = EditRecord.load(tmp_path / "r")
+    for name in ("k_star", "v_orig", "v_star", "delta", "u", "lam"):
+        assert torch.equal(getattr(rec, name), getattr(loaded, name))
+    assert loaded.request == rec.request and loaded.hparams == rec.hparams
+    torch.testing.assert_close(loaded.delta, loaded.v_star - loaded.v_orig)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "record.safetensors").write_bytes(b"\x80\x04not safetensors")
+    (tmp_path / "bad" / "record.json").write_text(json.dumps(rec.metadata()))
+    with pytest.raises(ValueError, match="safetensors"):
+        EditRecord.load(tmp_path / "bad")
+
+
+def test_edit_changes_prediction_and_sequential(tiny_gptj):
+    lm = tiny_gptj
+    hp = hp_for(lm, v_num_grad_steps=25, clamp_norm_factor=20)
+    w0 = out_proj_weight(lm.model, lm.arch, 1).clone()
+    records = edit_sequentially(lm, REQS[:2], hp, CTX)
+    assert not torch.equal(out_proj_weight(lm.model, lm.arch, 1), w0)
+    assert records[1].losses[-1] < records[1].losses[0]
+    with torch.no_grad():
+        out_proj_weight(lm.model, lm.arch, 1).copy_(w0)
+
+
+def test_hparams_round_trip_and_reference_file(tmp_path):
+    hp = ROMEHyperParams.preset("gpt-j-6b")
+    assert hp.layers == (5,) and hp.v_lr == 0.5 and hp.clamp_norm_factor == 4
+    assert hp.n_context_templates == 21
+    hp.save(tmp_path / "h.json")
+    assert ROMEHyperParams.load(tmp_path / "h.json") == hp
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert set(data) >= {"layers", "v_num_grad_steps", "mom2_n_samples", "rewrite_module_tmp"}
+    with pytest.raises(ValueError, match="exactly one layer"):
+        ROMEHyperParams(layers=(1, 2))
+    (tmp_path / "x.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        ROMEHyperParams.load(tmp_path / "x.json")
+
+
+def test_context_templates_sampled_escaped_and_loaded(tiny_gptj, tmp_path):
+    ctx = sample_context_templates(tiny_gptj, ((3, 2), (5, 2)), seed=1)
+    assert ctx[0] == "{}" and len(ctx) == 5
+    assert ctx == sample_context_templates(tiny_gptj, ((3, 2), (5, 2)), seed=1)
+    assert compose("A {{x}}. {}", "Name: {}.") == "A {{x}}. Name: {}."
+    (tmp_path / "c.json").write_text(json.dumps(["{}", "no placeholder"]))
+    with pytest.raises(ValueError, match="exactly one"):
+        load_context_templates(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("make_bad, match", [
+    (lambda: EditRequest("Ani", "Name: {}.", ""), "target is empty"),
+    (lambda: EditRequest("Ani", "Name: Ani.", " Male"), "exactly one"),
+])
+def test_bad_requests(make_bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_bad()
+
+
+def test_bad_inputs_leave_weights_untouched(tiny_gptj):
+    lm = tiny_gptj
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    inverse, _ = random_inverse(lm, layer=1)
+    with pytest.raises(ValueError, match="out of range"):
+        compute_edits(lm, REQS[:1], hp_for(lm, layers=(9,)), CTX, progress=False)
+    with pytest.raises(ValueError, match="layer 1 but the edit is at layer 2"):
+        compute_edits(lm, REQS[:1], hp_for(lm, layers=(2,), mom2_adjustment=True), CTX, inverse)
+    other = SecondMomentInverse(inverse.solver, {**inverse.provenance, "model_identity": "x@1"})
+    with pytest.raises(ValueError, match="statistics are for model"):
+        compute_edits(lm, REQS[:1], hp_for(lm, mom2_adjustment=True), CTX, other)
+    with pytest.raises(ValueError, match="no second-moment"):
+        compute_edits(lm, REQS[:1], hp_for(lm, mom2_adjustment=True), CTX, None)
+    nan_c = torch.eye(128)
+    nan_c[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        InverseSecondMoment.from_matrix(nan_c)
+    (rec,) = compute_edits(lm, REQS[:1], hp_for(lm), CTX, progress=False)
+    bad = EditRecord(**{**rec.__dict__, "model_identity": "other@123"})
+    with pytest.raises(ValueError, match="was made on"):
+        apply_records(lm, [rec, bad])  # the good record must not be applied either
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
