@@ -2,7 +2,8 @@
 
     python benchmarks/bench_editing.py [--n 40] [--out benchmarks/results/editing.json]
 
-Both sides use the bundled preset (21 context templates, the same statistics and templates);
+Both sides use the bundled preset with the reference's 21 context templates
+(``context_template_length_params [[5,10],[10,10]]``) and the same statistics;
 the baseline computes each edit alone with the plain full-forward value optimisation
 (``engine="simple"``), the fast side runs all names through ``engine="batched"``.  Reports edits
 per second, the ratio, the agreement of the deltas and each side's efficacy.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,12 +30,11 @@ from rome_edit.models.loading import load_model
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/editing.json"))
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     lm = load_model()
-    hp = default_hparams(lm)
+    hp = replace(default_hparams(lm), context_template_length_params=((5, 10), (10, 10)))
     templates = context_templates_for(lm, hp)
     inverse = inverse_for(lm, hp, progress=False)
     names = load_names(split="edit")

@@ -201,3 +201,27 @@ def test_bad_inputs_leave_weights_untouched(tiny_gptj):
         apply_records(lm, [rec, bad])  # the good record must not be applied either
     for k, v in lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_batched_evaluation_equals_real_weight_edits(tiny_gptj):
+    from rome_edit.data.names import NameEntry
+    from rome_edit.editing.evaluate import evaluate_edits
+
+    lm = tiny_gptj
+    names = [NameEntry("Brittany", "female"), NameEntry("David", "male"),
+             NameEntry("Christopher", "male"), NameEntry("Margaret", "female"),
+             NameEntry("Robert", "male"), NameEntry("Stephany", "female")]
+    records = compute_edits(lm, REQS, hp_for(lm, v_num_grad_steps=10, clamp_norm_factor=10),
+                            CTX, progress=False)
+    batched = evaluate_edits(lm, records, names, n_same_last=2, n_random=2, progress=False)
+    for rec, score in zip(records, batched):
+        # one edit at a time, written into the weights
+        (alone,) = evaluate_edits(lm, [rec], names, n_same_last=2, n_random=2, chunk=1,
+                                  progress=False)
+        with applied(lm, [rec]):
+            from rome_edit.models.scoring import next_token_logprobs
+            lp = next_token_logprobs(lm.model, lm.tokenizer, ["Name: " + rec.request.subject +
+                                                               ". Gender:"])[0]
+        new_id = lm.tokenizer(rec.request.target_new, add_special_tokens=False)["input_ids"][0]
+        assert abs(score.p_new_after - lp[new_id].exp().item()) < 1e-4
+        assert score == alone

@@ -14,6 +14,7 @@ from rome_edit.tracing.average import (
     ROLES,
     align_roles,
     balanced_names,
+    excluded_layers,
     locate,
     recommend_layer,
     role_positions,
@@ -26,6 +27,7 @@ from rome_edit.tracing.core import (
     restored_layers,
     state_names,
 )
+from rome_edit.tracing.fast import MAX_ROWS, plan_passes, rows_per_chunk
 from rome_edit.tracing.noise import (
     NoiseSpec,
     corrupt_subject,
@@ -34,6 +36,7 @@ from rome_edit.tracing.noise import (
     subject_noise,
 )
 from rome_edit.tracing.plain import restored_probability
+from rome_edit.tracing.reuse import last_position_mlp
 from rome_edit.tracing.trace import trace
 
 TEMPLATE = "Name: {}. Gender:"
@@ -141,6 +144,29 @@ def test_fast_without_prefix_reuse_equals_plain(tiny_gptj, monkeypatch):
         torch.testing.assert_close(quick.effects[kind], plain.effects[kind], atol=1e-5, rtol=0)
 
 
+def test_pass_planning_covers_every_cell_once():
+    starts = [0, 0, 1, 2, 2, 2, 3, 4, 5]
+    for max_cells in (1, 2, 4, 100):
+        passes = plan_passes(starts, 6, max_cells)
+        assert [i for lo, hi in passes for i in range(lo, hi)] == list(range(len(starts)))
+        assert all(0 < hi - lo <= max_cells for lo, hi in passes)
+
+
+def test_rows_per_chunk(tiny_gptj):
+    assert rows_per_chunk(tiny_gptj, 10, max_batch=30) == 30
+    assert 1 <= rows_per_chunk(tiny_gptj, 10) <= MAX_ROWS
+    with pytest.raises(ValueError, match="max_batch"):
+        rows_per_chunk(tiny_gptj, 10, max_batch=0)
+
+
+def test_last_position_mlp_keeps_the_last_logits(tiny_model):
+    ids = torch.randint(0, 1000, (3, 7), generator=torch.Generator().manual_seed(0))
+    reference = tiny_model.model(input_ids=ids).logits[:, -1]
+    with last_position_mlp(tiny_model):
+        trimmed = tiny_model.model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(trimmed, reference, atol=1e-5, rtol=0)
+
+
 def test_trace_structure(tiny_gptj):
     result = trace(tiny_gptj, TEMPLATE, "Brittany", noise_std=0.5)
     n_layers = tiny_gptj.n_layers
@@ -203,9 +229,15 @@ def test_balanced_names_alternate():
 
 
 def test_recommendation_skips_layer_zero_on_parallel_blocks():
-    effect = torch.tensor([0.9, 0.2, 0.5, 0.1])
-    assert recommend_layer(effect, parallel=True) == 2
-    assert recommend_layer(effect, parallel=False) == 0
+    effect = torch.tensor([0.9, 0.6, 0.5, 0.1])
+    assert excluded_layers(parallel=True, window=1, n_layers=4) == (0,)
+    assert excluded_layers(parallel=True, window=3, n_layers=4) == (0, 1)  # windows reach 0
+    assert excluded_layers(parallel=True, window=4, n_layers=4) == (0, 1, 2)
+    assert excluded_layers(parallel=True, window=2, n_layers=2) == (0,)  # all would be
+    assert excluded_layers(parallel=False, window=3, n_layers=4) == ()
+    assert recommend_layer(effect, (0,)) == 1
+    assert recommend_layer(effect, (0, 1)) == 2
+    assert recommend_layer(effect) == 0
 
 
 NAMES = [NameEntry(n, g) for n, g in [("Emma", "female"), ("Liam", "male"),
@@ -222,7 +254,7 @@ def test_locate_fast_equals_plain_and_counts(tiny_gptj):
     for kind in quick.effects:
         torch.testing.assert_close(quick.effects[kind], plain.effects[kind], atol=1e-5,
                                    rtol=0, equal_nan=True)
-    assert quick.excluded_layers == (0,) and quick.recommended_layer != 0
+    assert quick.excluded_layers == (0,) and quick.recommended_layer != 0  # window 1
     best = quick.effects["mlp"][2, 1:].argmax().item() + 1
     assert quick.recommended_layer == best
 

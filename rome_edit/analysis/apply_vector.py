@@ -21,6 +21,7 @@ names predicted male under ``+g``), ``keep_m`` (male names still male under ``+g
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -29,11 +30,12 @@ import torch
 
 from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, PARAPHRASES
 from rome_edit.data.names import NameEntry
+from rome_edit.editing.apply import row_edits
 from rome_edit.editing.hparams import UpdateForm
 from rome_edit.editing.key import key_stars, keys_and_values
 from rome_edit.editing.rome import SecondMomentInverse
 from rome_edit.models.architectures import get_module
-from rome_edit.models.hooks import edit_from_input, edit_output
+from rome_edit.models.hooks import edit_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import encode_batch, single_token_id
 from rome_edit.models.subject import locate_subject
@@ -112,7 +114,7 @@ class VectorApplier:
         lm, n_tasks = self.lm, len(TASKS)
         ids, mask, last = encode_batch(lm.tokenizer, self.prompts, lm.device)
         hooks: dict = {}
-        io_hooks: dict = {}
+        rows_ctx = contextlib.nullcontext()
         if vector is not None:
             vec = vector.float().to(lm.device)
             if vec.shape != self.v_orig.shape[1:]:
@@ -120,9 +122,8 @@ class VectorApplier:
                                  f"are {self.v_orig.shape[1]} wide; use a vector of this model.")
             if mode == "weights":
                 u, lam = self.update_for(vec)
-                lam_rows = lam.repeat_interleave(n_tasks, 0).to(lm.device)
-                u_rows = u.repeat_interleave(n_tasks, 0).to(lm.device)
-                io_hooks = {lm.arch.out_proj.format(self.layer): self._rank_one(u_rows, lam_rows)}
+                rows_ctx = row_edits(lm, self.layer, u.repeat_interleave(n_tasks, 0),
+                                     lam.repeat_interleave(n_tasks, 0))
             elif mode == "activations":
                 rows = torch.arange(len(self.prompts), device=lm.device)
                 cols = torch.tensor(self.lookups, device=lm.device)
@@ -135,20 +136,11 @@ class VectorApplier:
                 hooks = {lm.arch.mlp.format(self.layer): add}
             else:
                 raise ValueError(f"unknown mode {mode!r}; use 'weights' or 'activations'.")
-        with torch.no_grad(), edit_output(lm.model, hooks), edit_from_input(lm.model, io_hooks):
+        with torch.no_grad(), edit_output(lm.model, hooks), rows_ctx:
             logits = lm.model(input_ids=ids, attention_mask=mask).logits
         final = logits[torch.arange(len(last)), last].float().cpu()
         answers = torch.tensor(self.answer_ids)
         return final.gather(1, answers).view(len(self.names), n_tasks, 2)
-
-    @staticmethod
-    def _rank_one(u_rows: torch.Tensor, lam_rows: torch.Tensor):
-        """Row-wise ``v + Λ_r (u_rᵀ k)``: the output of ``W + Λ_r u_rᵀ`` for row ``r``."""
-        def add(keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            coeff = (keys.float() * u_rows[:, None, :]).sum(-1)
-            return hidden + (coeff[..., None] * lam_rows[:, None, :]).to(hidden.dtype)
-
-        return add
 
     def flip_table(self, vector: torch.Tensor, mode: Mode = "weights") -> FlipTable:
         """Apply ``+vector`` and ``−vector``; the four success rates on held-out names."""

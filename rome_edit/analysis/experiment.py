@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 class AnalysisSettings:
     seed: int = 0
     scale: str | float = "mean-norm"  # of the saved vector
-    scales: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)  # × mean delta norm, for the curves
-    n_random: int = 5  # random control directions
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # × mean delta norm, for the curves
+    n_random: int = 3  # random control directions (seeds 1000, 1001, …)
     keep_threshold: float = 0.95  # a scale is "usable" when both keep-rates reach this
     n_completions: int = 4
 

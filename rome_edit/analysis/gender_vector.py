@@ -153,7 +153,11 @@ def save_gender_vector(vector: GenderVector, path: str | Path) -> Path:
 
 def _refuse_non_safetensors(path: Path) -> None:
     with path.open("rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    # A safetensors file starts with its header's length (u64, little endian) and then "{";
+    # that length's first byte can be 0x80, so recognise safetensors before pickles.
+    if len(head) == 9 and head[8:9] == b"{":
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save format)"
         raise GenderVectorError(

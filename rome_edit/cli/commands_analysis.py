@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="names CSV to apply the vector to (default: bundled held-out names)")
     an.add_argument("--no-model", action="store_true",
                     help="only the delta-space analysis (no flip rates)")
-    an.add_argument("--seed", type=int, default=0)
+    _context_args(an)
     add_model_args(an)
     an.set_defaults(func=run_analyze)
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ap.add_argument("--mode", choices=["weights", "activations"], default="weights")
     ap.add_argument("--layer", type=int, default=None, help="default: the vector's layer")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--seed", type=int, default=0)
+    _context_args(ap)
     add_model_args(ap)
     ap.set_defaults(func=run_apply)
 
@@ -51,9 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo_cmd)
 
 
-def _editing_context(lm, layer: int, seed: int):
-    hp = default_hparams(lm, layer=layer)
-    return context_templates_for(lm, hp, seed=seed), inverse_for(lm, hp)
+def _context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hparams", default=None, help="hparams JSON (default: the model's preset)")
+    p.add_argument("--context-templates", default=None, help="JSON list of templates")
+    p.add_argument("--stats", default=None, help="second-moment file (default: cached)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
+
+
+def _editing_context(lm, layer: int, args: argparse.Namespace):
+    """The context templates and C⁻¹ the sweep used (same presets, seed and cache)."""
+    hp = default_hparams(lm, args.hparams, layer=layer)
+    return (context_templates_for(lm, hp, args.context_templates, seed=args.seed),
+            inverse_for(lm, hp, args.stats))
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -63,7 +72,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     else:
         lm = model_from_args(args)
         summary = json.loads((args.sweep_dir / "summary.json").read_text())
-        templates, inverse = _editing_context(lm, int(summary["layer"]), args.seed)
+        templates, inverse = _editing_context(lm, int(summary["layer"]), args)
         heldout = load_names(args.heldout) if args.heldout else load_names(split="heldout")
         result = analyze(args.sweep_dir, args.out, lm, heldout, templates, inverse, settings)
     c = result["classifier"]
@@ -84,7 +93,7 @@ def run_apply(args: argparse.Namespace) -> int:
     gv = load_gender_vector(args.vector, expected_width=lm.model.config.hidden_size)
     layer = args.layer if args.layer is not None else gv.layer
     names = load_names(args.names) if args.names else load_names(split="heldout")
-    templates, inverse = _editing_context(lm, layer, args.seed)
+    templates, inverse = _editing_context(lm, layer, args)
     applier = VectorApplier(lm, layer, names, templates, inverse)
     vector = gv.vector.float() * args.scale * args.sign
     table = applier.flip_table(vector, args.mode)

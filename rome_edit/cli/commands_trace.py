@@ -14,6 +14,7 @@ from pathlib import Path
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.data.names import load_names
 from rome_edit.tracing.average import (
+    DEFAULT_BATCH_PROMPTS,
     DEFAULT_MIN_EFFECT,
     GENDER_ANSWERS,
     balanced_names,
@@ -74,9 +75,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="single-token answers for female and male names, in that order "
                            "(default for the default prompt: ' Female' ' Male'; required "
                            "for other prompts)")
+    many.add_argument("--exclude-window-artifacts", action="store_true",
+                      help="also exclude every layer whose MLP window reaches layer 0 of a "
+                           "parallel-block model (see rome_edit.tracing.average)")
     many.add_argument("--min-effect", type=float, default=DEFAULT_MIN_EFFECT,
                       help="skip prompts whose corruption lowers p(answer) by less "
                            "(default: %(default)s)")
+    many.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
+                      help="prompts whose restorations are batched together (memory: see "
+                           "docs/tracing.md; default: %(default)s)")
     _add_trace_args(many)
     many.set_defaults(func=run_locate)
 
@@ -130,6 +137,8 @@ def run_locate(args: argparse.Namespace) -> int:
     _check_common(args)
     if args.n < 1:
         raise ValueError(f"--n must be ≥ 1 (got {args.n}).")
+    if args.batch_prompts < 1:
+        raise ValueError(f"--batch-prompts must be ≥ 1 (got {args.batch_prompts}).")
     if args.candidates is None and args.prompt != DEFAULT_TEMPLATE:
         raise ValueError(
             f"for prompt {args.prompt!r} give the answers for female and male names, e.g. "
@@ -145,7 +154,9 @@ def run_locate(args: argparse.Namespace) -> int:
     result = locate(lm, args.prompt, entries, candidates=(female, male),
                     answers={"female": female, "male": male}, noise=args.noise,
                     samples=args.samples, window=window, kinds=args.kinds, seed=args.seed,
-                    min_effect=args.min_effect, method=args.method, max_batch=args.max_batch)
+                    min_effect=args.min_effect, method=args.method, max_batch=args.max_batch,
+                    batch_prompts=args.batch_prompts,
+                    exclude_window_artifacts=args.exclude_window_artifacts)
     seconds = time.perf_counter() - started
     record = {"command": "locate", "model": lm.identity, "method": args.method,
               "names": str(args.names) if args.names else "bundled:edit",

@@ -14,6 +14,7 @@ import torch
 
 from rome_edit.editing.record import EditRecord
 from rome_edit.models.architectures import check_layer, out_proj_weight
+from rome_edit.models.hooks import edit_from_input
 from rome_edit.models.loading import LoadedModel
 
 
@@ -78,3 +79,23 @@ def preserved(lm: LoadedModel, layers: Sequence[int]) -> Iterator[LoadedModel]:
         with torch.no_grad():
             for layer, original in saved.items():
                 out_proj_weight(lm.model, lm.arch, layer).copy_(original)
+
+
+@contextmanager
+def row_edits(lm: LoadedModel, layer: int, u_rows: torch.Tensor,
+              lam_rows: torch.Tensor) -> Iterator[None]:
+    """Let batch row ``r`` see the layer edited by its own ``Λ_r u_rᵀ``, all in one pass.
+
+    ``(W + Λ_r u_rᵀ) k = W k + Λ_r (u_rᵀ k)``, so adding ``Λ_r (u_rᵀ k)`` to the output
+    projection's output at every position of row ``r`` is that edit's forward function; many
+    edits are evaluated in one batch with no weight written (exact up to float rounding).
+    """
+    u_dev = u_rows.float().to(lm.device)
+    lam_dev = lam_rows.float().to(lm.device)
+
+    def add(keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        coeff = (keys.float() * u_dev[:, None, :]).sum(-1)
+        return hidden + (coeff[..., None] * lam_dev[:, None, :]).to(hidden.dtype)
+
+    with edit_from_input(lm.model, {lm.arch.out_proj.format(layer): add}):
+        yield

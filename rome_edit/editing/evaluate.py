@@ -7,8 +7,9 @@ For each edit (applied alone, then reverted bit-identically):
   ``Record for {}:`` → female/male): the new gender's answer beats the old one.
 * ``specificity`` — success rate over neighbour names (some sharing the edited name's last
   token, the rest random): each neighbour's predicted gender is unchanged by the edit.
-* ``city_kept`` — the edited name's most likely city (among the corpus's cities, by mean token
-  log-probability) is unchanged: the edit did not overwrite a different fact.
+* ``city_kept`` — the edited name's most likely city after ``"{} lives in the city of"`` is
+  unchanged (compared by the city's first token, among the corpus's cities' first tokens):
+  the edit did not overwrite a different fact.
 * ``fluency`` — n-gram entropy of greedy generations (ROME's measure: the mean of
   ``2/3·H₂`` and ``4/3·H₃``, base-2 entropies of word bi- and tri-gram frequencies).
 """
@@ -21,21 +22,22 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from rome_edit.data.corpus import CITIES
 from rome_edit.data.gender_task import ANSWERS, CITY_PROMPT, EDIT_PROMPT, PARAPHRASES
 from rome_edit.data.names import NameEntry
-from rome_edit.editing.apply import applied
+from rome_edit.editing.apply import applied, row_edits
 from rome_edit.editing.record import EditRecord
+from rome_edit.models.architectures import check_layer
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import (
     generate,
     next_token_logprobs,
-    sequence_logprob,
     single_token_id,
 )
-from rome_edit.models.subject import fill
+from rome_edit.models.subject import fill, locate_subject
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class NameEditScore:
     gender: str  # the name's gender before the edit
     efficacy: bool
     paraphrase: float
-    specificity: float
+    specificity: float  # over all neighbours
+    specificity_same_last_token: float | None  # neighbours ending in the same token
+    specificity_random: float | None
     city_kept: bool
     p_new_before: float  # probability of the new answer token on the edit prompt
     p_new_after: float
@@ -54,75 +58,133 @@ class NameEditScore:
         return asdict(self)
 
 
-def neighbours(subject: str, names: Sequence[NameEntry], tokenizer, n_same_last: int = 5,
-               n_random: int = 5, seed: int = 0) -> list[str]:
-    """Other names: up to ``n_same_last`` ending in the same token, then random ones."""
-    def last_token(name: str) -> int:
-        return tokenizer(" " + name, add_special_tokens=False)["input_ids"][-1]
+_LAST_TOKEN_CACHE: dict[tuple[int, tuple[str, ...]], dict[str, int]] = {}
 
-    target = last_token(subject)
+
+def _last_tokens(tokenizer, names: tuple[str, ...]) -> dict[str, int]:
+    """Each name's last token in ``"Name: {}. Gender:"`` (memoised per tokenizer and list)."""
+    key = (id(tokenizer), names)
+    if key not in _LAST_TOKEN_CACHE:
+        spans = [locate_subject(tokenizer, EDIT_PROMPT, n) for n in names]
+        _LAST_TOKEN_CACHE.clear()  # keep one list: a sweep asks for the same one repeatedly
+        _LAST_TOKEN_CACHE[key] = {n: sp.input_ids[sp.last] for n, sp in zip(names, spans)}
+    return _LAST_TOKEN_CACHE[key]
+
+
+def neighbours(subject: str, names: Sequence[NameEntry], tokenizer, n_same_last: int = 5,
+               n_random: int = 5, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Other names: up to ``n_same_last`` ending in the same token, and ``n_random`` others."""
+    last = _last_tokens(tokenizer, tuple(e.name for e in names) + (subject,))
     others = [e.name for e in names if e.name != subject]
     rng = random.Random(f"{seed}:{subject}")
-    same = [n for n in others if last_token(n) == target]
+    same = [n for n in others if last[n] == last[subject]]
     rng.shuffle(same)
     picked = same[:n_same_last]
     rest = [n for n in others if n not in picked]
-    return picked + rng.sample(rest, min(n_random, len(rest)))
+    return picked, rng.sample(rest, min(n_random, len(rest)))
 
 
 def _gender_prediction(lm: LoadedModel, subjects: Sequence[str]) -> list[str]:
-    ids = [single_token_id(lm.tokenizer, ANSWERS[g]) for g in ("female", "male")]
     lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(EDIT_PROMPT, s) for s in subjects])
+    return _genders(lm, lp)
+
+
+def _genders(lm: LoadedModel, lp: torch.Tensor) -> list[str]:
+    ids = [single_token_id(lm.tokenizer, ANSWERS[g]) for g in ("female", "male")]
     return ["female" if a > b else "male" for a, b in lp[:, ids].tolist()]
 
 
-def _best_city(lm: LoadedModel, subjects: Sequence[str]) -> list[str]:
-    prompts = [fill(CITY_PROMPT, s) for s in subjects for _ in CITIES]
-    scores = sequence_logprob(lm.model, lm.tokenizer, prompts, [" " + c for c in CITIES] *
-                              len(subjects)).view(len(subjects), len(CITIES))
-    return [CITIES[i] for i in scores.argmax(-1).tolist()]
+def _city_first_tokens(lm: LoadedModel) -> torch.Tensor:
+    return torch.tensor(sorted({lm.tokenizer(" " + c, add_special_tokens=False)["input_ids"][0]
+                                for c in CITIES}))
+
+
+def _best_city(lm: LoadedModel, subjects: Sequence[str]) -> list[int]:
+    """The most likely city-initial token after ``"{} lives in the city of"``."""
+    lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(CITY_PROMPT, s) for s in subjects])
+    firsts = _city_first_tokens(lm)
+    return firsts[lp[:, firsts].argmax(-1)].tolist()
 
 
 def evaluate_edits(
     lm: LoadedModel, records: Sequence[EditRecord], names: Sequence[NameEntry],
-    n_same_last: int = 5, n_random: int = 5, progress: bool = True,
+    n_same_last: int = 5, n_random: int = 5, chunk: int = 32, progress: bool = True,
 ) -> list[NameEditScore]:
-    """Score each name edit (applied alone); the weights are restored after each."""
+    """Score each name edit as if applied alone.
+
+    Every edit is a rank-one change of one layer, so a chunk of edits is scored in one batch
+    with :func:`~rome_edit.editing.apply.row_edits` (each row sees only its own edit — the same
+    function as writing that edit into the weights; a test compares the two).
+    """
     genders = {e.name: e.gender for e in names}
     subjects = [r.request.subject for r in records]
-    near = {s: neighbours(s, names, lm.tokenizer, n_same_last, n_random) for s in subjects}
+    split = {s: neighbours(s, names, lm.tokenizer, n_same_last, n_random) for s in subjects}
+    near = {s: same + rand for s, (same, rand) in split.items()}
     involved = sorted({*subjects, *(n for v in near.values() for n in v)})
     before = dict(zip(involved, _gender_prediction(lm, involved)))
     city_before = dict(zip(subjects, _best_city(lm, subjects)))
     edit_lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(EDIT_PROMPT, s) for s in subjects])
-    scores = []
-    for i, record in enumerate(tqdm(records, desc="evaluate", unit="edit", disable=not progress)):
-        s = record.request.subject
-        old = genders.get(s) or ("male" if record.request.target_new == ANSWERS["female"]
-                                 else "female")
-        new = "male" if old == "female" else "female"
-        prompts = [fill(EDIT_PROMPT, s)] + [fill(p, s) for p, _ in PARAPHRASES]
-        answers = [ANSWERS] + [a for _, a in PARAPHRASES]
-        with applied(lm, [record]):
-            lp = next_token_logprobs(lm.model, lm.tokenizer, prompts)
-            after_nb = _gender_prediction(lm, near[s])
-            city_after = _best_city(lm, [s])[0]
-        wins = []
-        for row, ans in zip(lp, answers):
-            wins.append(row[single_token_id(lm.tokenizer, ans[new])] >
-                        row[single_token_id(lm.tokenizer, ans[old])])
-        new_id = single_token_id(lm.tokenizer, ANSWERS[new])
-        old_id = single_token_id(lm.tokenizer, ANSWERS[old])
-        scores.append(NameEditScore(
-            subject=s, gender=old, efficacy=bool(wins[0]),
-            paraphrase=float(sum(bool(w) for w in wins[1:]) / len(PARAPHRASES)),
-            specificity=float(sum(a == before[n] for a, n in zip(after_nb, near[s]))
-                              / max(1, len(near[s]))),
-            city_kept=city_after == city_before[s],
-            p_new_before=math.exp(edit_lp[i, new_id].item()),
-            p_new_after=math.exp(lp[0, new_id].item()), p_old_after=math.exp(lp[0, old_id].item()),
-        ))
+    scores: list[NameEditScore] = []
+    bar = tqdm(total=len(records), desc="evaluate", unit="edit", disable=not progress)
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        for layer in {r.layer for r in part}:
+            check_layer(lm.model, lm.arch, layer)
+        if len({r.layer for r in part}) != 1:
+            raise ValueError("records of one evaluation chunk must share a layer.")
+        prompts, owner = [], []
+        for j, r in enumerate(part):
+            s = r.request.subject
+            rows = ([fill(EDIT_PROMPT, s)] + [fill(p, s) for p, _ in PARAPHRASES]
+                    + [fill(EDIT_PROMPT, n) for n in near[s]])
+            prompts += rows
+            owner += [j] * len(rows)
+        city_row = len(prompts)
+        prompts += [fill(CITY_PROMPT, r.request.subject) for r in part]
+        owner += list(range(len(part)))
+        u = torch.stack([r.u for r in part])
+        lam = torch.stack([r.lam for r in part])
+        idx = torch.tensor(owner)
+        with row_edits(lm, part[0].layer, u[idx], lam[idx]):
+            lp = next_token_logprobs(lm.model, lm.tokenizer, prompts, len(prompts))
+        firsts = _city_first_tokens(lm)
+        city = firsts[lp[city_row:, firsts].argmax(-1)].tolist()
+        offset = 0
+        for j, r in enumerate(part):
+            i = start + j
+            s = r.request.subject
+            n_rows = 1 + len(PARAPHRASES) + len(near[s])
+            rows = lp[offset : offset + n_rows]
+            offset += n_rows
+            old = genders.get(s) or ("male" if r.request.target_new == ANSWERS["female"]
+                                     else "female")
+            new = "male" if old == "female" else "female"
+            wins = []
+            for row, ans in zip(rows, [ANSWERS] + [a for _, a in PARAPHRASES]):
+                wins.append(bool(row[single_token_id(lm.tokenizer, ans[new])] >
+                                 row[single_token_id(lm.tokenizer, ans[old])]))
+            after_nb = _genders(lm, rows[1 + len(PARAPHRASES):])
+            kept = [a == before[n] for a, n in zip(after_nb, near[s])]
+            new_id = single_token_id(lm.tokenizer, ANSWERS[new])
+            old_id = single_token_id(lm.tokenizer, ANSWERS[old])
+            scores.append(NameEditScore(
+                subject=s, gender=old, efficacy=wins[0],
+                paraphrase=sum(wins[1:]) / len(PARAPHRASES),
+                specificity=sum(kept) / max(1, len(kept)),
+                specificity_same_last_token=_mean(kept[: len(split[s][0])]),
+                specificity_random=_mean(kept[len(split[s][0]) :]),
+                city_kept=city[j] == city_before[s],
+                p_new_before=math.exp(edit_lp[i, new_id].item()),
+                p_new_after=math.exp(rows[0, new_id].item()),
+                p_old_after=math.exp(rows[0, old_id].item()),
+            ))
+        bar.update(len(part))
+    bar.close()
     return scores
+
+
+def _mean(values: Sequence[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def summarize(scores: Sequence[NameEditScore]) -> dict[str, float]:
@@ -132,10 +194,17 @@ def summarize(scores: Sequence[NameEditScore]) -> dict[str, float]:
         "efficacy": sum(s.efficacy for s in scores) / n,
         "paraphrase": sum(s.paraphrase for s in scores) / n,
         "specificity": sum(s.specificity for s in scores) / n,
+        "specificity_same_last_token": _mean_of([s.specificity_same_last_token for s in scores]),
+        "specificity_random": _mean_of([s.specificity_random for s in scores]),
         "city_kept": sum(s.city_kept for s in scores) / n,
         "mean_p_new_before": sum(s.p_new_before for s in scores) / n,
         "mean_p_new_after": sum(s.p_new_after for s in scores) / n,
     }
+
+
+def _mean_of(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def ngram_entropy(texts: Sequence[str]) -> float:

@@ -166,8 +166,12 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
 
 def summarize_rows(rows: Sequence[dict]) -> dict[str, float]:
     n = len(rows)
-    keys = ("efficacy", "paraphrase", "specificity", "city_kept", "p_new_before", "p_new_after")
-    out = {k: sum(float(r[k]) for r in rows) / n for k in keys}
+    keys = ("efficacy", "paraphrase", "specificity", "specificity_same_last_token",
+            "specificity_random", "city_kept", "p_new_before", "p_new_after")
+    out = {}
+    for k in keys:
+        values = [float(r[k]) for r in rows if r.get(k) is not None]
+        out[k] = sum(values) / len(values) if values else None
     out["mean_p_new_before"] = out.pop("p_new_before")
     out["mean_p_new_after"] = out.pop("p_new_after")
     return out

@@ -21,6 +21,16 @@ it: its key at the last subject token is the same for every name ending in that 
 ("Brittany", "Tiffany"), so an edit there cannot single out one subject.  For the same reason a
 large layer-0 effect in a trace only undoes the noise on that one embedding, not a recall.  In
 sequential families (GPT-2, Llama) the layer-0 MLP runs after attention and sees the whole name.
+
+The MLP effect at centre ``l`` restores a *window* of layers, so every centre whose window
+reaches layer 0 carries that artifact too (on the bundled model, window 2: the effect at centre 1
+is 0.21, of which layer 0 alone gives 0.21 and layer 1 alone 0.04).  Such centres are excluded
+as well when ``exclude_window_artifacts=True`` (:func:`excluded_layers`; CLI
+``--exclude-window-artifacts``); if that would exclude every layer, only layer 0 is, with a
+warning to pass a smaller window.  It is off by default: the default follows the reference rule
+(exclude layer 0 only), under which GPT-J-6B's window of 10 keeps the paper's layer 5 (the
+stricter rule would exclude centres 0–5 there).  On the bundled model the default recommends
+layer 1 and the stricter rule layer 3; edits at both reach the efficacy target.
 """
 
 from __future__ import annotations
@@ -36,7 +46,13 @@ from tqdm.auto import tqdm
 from rome_edit.data.names import NameEntry
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import single_token_id
-from rome_edit.tracing.core import KINDS, check_kinds, check_window, prepare_prompt
+from rome_edit.tracing.core import (
+    KINDS,
+    check_kinds,
+    check_window,
+    prepare_prompt,
+    restored_layers,
+)
 from rome_edit.tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
 from rome_edit.tracing.trace import (
     DEFAULT_SAMPLES,
@@ -70,12 +86,25 @@ def align_roles(grid: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def recommend_layer(mlp_last_subject: torch.Tensor, parallel: bool) -> int:
-    """Argmax of the MLP effect at the last subject token over the layers an edit can use."""
-    scores = mlp_last_subject.clone()
-    if parallel and len(scores) > 1:
-        scores[0] = float("-inf")  # see the module docstring
-    return int(torch.nan_to_num(scores, nan=float("-inf")).argmax())
+def excluded_layers(parallel: bool, window: int, n_layers: int) -> tuple[int, ...]:
+    """Centres whose MLP window includes layer 0 of a parallel-block model (module docstring)."""
+    if not parallel or n_layers < 2:
+        return ()
+    reach = tuple(centre for centre in range(n_layers)
+                  if restored_layers("mlp", centre, window, n_layers).start == 0)
+    if len(reach) == n_layers:
+        log.warning("every MLP window of %d layers includes layer 0; only layer 0 is excluded "
+                    "from the recommendation; pass a smaller window to avoid its artifact.",
+                    window)
+        return (0,)
+    return reach
+
+
+def recommend_layer(mlp_last_subject: torch.Tensor, excluded: Sequence[int] = ()) -> int:
+    """Argmax of the MLP effect at the last subject token over the layers not excluded."""
+    scores = torch.nan_to_num(mlp_last_subject.clone(), nan=float("-inf"))
+    scores[list(excluded)] = float("-inf")
+    return int(scores.argmax())
 
 
 @dataclass(frozen=True)
@@ -173,6 +202,7 @@ def locate(
     max_batch: int | None = None,
     batch_prompts: int = DEFAULT_BATCH_PROMPTS,
     progress: bool = True,
+    exclude_window_artifacts: bool = False,
 ) -> LocateResult:
     """Trace every case, keep the informative ones, average by role and recommend a layer.
 
@@ -238,8 +268,11 @@ def locate(
         )
     # 0 / 0 = NaN marks a role no kept prompt has.
     effects = {k: s / counts[:, None].double() for k, s in sums.items()}
-    excluded = (0,) if lm.arch.parallel and lm.n_layers > 1 else ()
-    layer = recommend_layer(effects["mlp"][LAST_SUBJECT], lm.arch.parallel)
+    if exclude_window_artifacts:
+        excluded = excluded_layers(lm.arch.parallel, window, lm.n_layers)
+    else:
+        excluded = (0,) if lm.arch.parallel and lm.n_layers > 1 else ()
+    layer = recommend_layer(effects["mlp"][LAST_SUBJECT], excluded)
     log.info("kept %d of %d cases; recommended layer %d", n_cases, len(cases), layer)
     return LocateResult(
         template, candidates, effects, tuple(counts.tolist()), n_cases, len(cases) - n_cases,

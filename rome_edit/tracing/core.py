@@ -159,14 +159,15 @@ def restore_edits(
     """Hooks that write clean states into corrupted rows.
 
     ``plan[module] = [(group, position, value), ...]``: in the ``n_copies`` rows of ``group``
-    the module's output at batch ``position`` becomes ``value`` (a clean state, ``(d,)``).
+    the module's output at batch ``position`` becomes ``value`` — one state ``(d,)`` for every
+    copy, or one per copy ``(n_copies, d)``.
     """
     edits: dict[str, EditFn] = {}
     for name, entries in plan.items():
         groups = torch.tensor([g for g, _, _ in entries])
         rows = (groups[:, None] * n_copies + torch.arange(n_copies)).flatten()
         positions = torch.tensor([p for _, p, _ in entries]).repeat_interleave(n_copies)
-        values = torch.stack([v for _, _, v in entries]).repeat_interleave(n_copies, dim=0)
+        values = torch.cat([v.expand(n_copies, v.shape[-1]) for _, _, v in entries])
 
         def edit(hidden: torch.Tensor, _: str, rows=rows, positions=positions, values=values):
             index = (rows.to(hidden.device), positions.to(hidden.device))

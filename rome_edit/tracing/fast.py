@@ -1,6 +1,6 @@
 """The fast causal trace: the same numbers as :mod:`rome_edit.tracing.plain`, far fewer FLOPs.
 
-Four savings, all exact (causal attention and the block structure make them so):
+Five savings, all exact (causal attention and the block structure make them so):
 
 1. **Batching.**  Many restorations — of one prompt or of many prompts of the same length —
    share one forward pass: each occupies ``n_copies`` consecutive rows ("a group") and carries
@@ -17,9 +17,15 @@ Four savings, all exact (causal attention and the block structure make them so):
    :data:`~rome_edit.tracing.reuse.PREFIX_FAMILIES`, or if the corrupted cache does not hold
    every position (a sliding window shorter than the prompt), this step is skipped and whole
    prompts are run, still batched and still skipping lower blocks.
-4. **Cells whose result is p_corrupt by causality are not run**: tokens before the subject
+4. **The first layer of an MLP (or, in parallel blocks, attention) window is not run.**  Its
+   output reaches the residual stream unchanged, so restoring it changes that block's output
+   at the restored token only, by ``clean − corrupted`` state
+   (:func:`~rome_edit.tracing.reuse.residual_kinds`); that is written in as a hidden state.
+5. **Cells whose result is p_corrupt by causality are not run**: tokens before the subject
    (clean and corrupted states are identical there) and, except at the last token,
-   restorations confined to the last layer (which no later position reads).
+   restorations confined to the last layer (which no later position reads).  Likewise the
+   last block's MLP runs on the last position only
+   (:func:`~rome_edit.tracing.reuse.last_position_mlp`).
 
 Passes are planned per restored token by :func:`plan_passes`, trading the fixed cost of a pass
 against the blocks a low-starting cell forces on the others.
@@ -31,8 +37,8 @@ Memory.  A pass over ``q = T − t`` positions holds, per row, the keys/values o
 4 GiB on CPU) by that per-row size, capped at 2,048 rows; ``max_batch`` (rows) overrides it.
 For GPT-J-6B in float16 and a 12-token prompt that is ≈7.5 MB a row: with 12 GB of weights on
 a 24 GB GPU, ≈6.5 GB of budget gives ≈850 rows (85 restorations) per pass.  Each prompt handed
-to :func:`trace_fast_many` also keeps its clean states and corrupted run until it is done,
-``(3 + 3·n_copies)·L·T·d_model`` elements (≈80 MB for GPT-J-6B, 10 copies, 12 tokens).
+to :func:`trace_fast_many` also keeps its clean states and corrupted run until it is done, at
+most ``(3 + 5·n_copies)·L·T·d_model`` elements (≈150 MB for GPT-J-6B, 10 copies, 12 tokens).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from rome_edit.tracing.core import (
     restore_edits,
     restored_layers,
 )
-from rome_edit.tracing.reuse import Corrupted, prefix_cache, skip_blocks
+from rome_edit.tracing.reuse import Corrupted, last_position_mlp, prefix_cache, skip_blocks
 
 MAX_ROWS = 2048
 # Fixed cost of a forward pass (Python, hooks, kernel launches), in units of one restoration
@@ -93,9 +99,13 @@ def rows_per_chunk(lm: LoadedModel, n_tokens: int, max_batch: int | None = None)
     return int(max(1, min(MAX_ROWS, budget // per_row)))
 
 
-def start_layer(kind: Kind, layer: int, window: int, n_layers: int) -> int:
-    """The lowest block whose output a restoration changes."""
-    return layer + 1 if kind == "hidden" else restored_layers(kind, layer, window, n_layers).start
+def start_layer(kind: Kind, layer: int, window: int, n_layers: int,
+                folded: frozenset[str] = frozenset()) -> int:
+    """The lowest block a restoration's pass must run (the blocks below are stubbed)."""
+    if kind == "hidden":
+        return layer + 1
+    first = restored_layers(kind, layer, window, n_layers).start
+    return first + 1 if kind in folded else first
 
 
 def is_trivial(tp: TracePrompt, kind: Kind, token: int, layer: int, window: int,
@@ -140,16 +150,27 @@ def _run_pass(lm: LoadedModel, items: Sequence[FastItem], cells: Sequence[GroupC
     n_layers = lm.n_layers
     n_copies = items[0].noise.shape[0]
     members = [items[i] for i, _, _ in cells]
+    folded = frozenset(members[0].corrupted.states)
     plan: dict[str, list[tuple[int, int, torch.Tensor]]] = defaultdict(list)
     for g, (item, (_, kind, layer)) in enumerate(zip(members, cells, strict=True)):
-        for j in restored_layers(kind, layer, window, n_layers):
+        layers = restored_layers(kind, layer, window, n_layers)
+        if kind in folded:  # the window's first block changes at one position only
+            first, layers = layers.start, layers[1:]
+            name = module_name(lm.arch, kind, first)
+            # In float32: in half precision the difference of two residual-sized vectors
+            # would lose the small state's bits.
+            value = (item.corrupted.blocks[first][:, token].float()
+                     - item.corrupted.states[kind][first][:, token].float()
+                     + item.clean[name][token].float())
+            plan[module_name(lm.arch, "hidden", first)].append((g, token - offset, value))
+        for j in layers:
             name = module_name(lm.arch, kind, j)
             plan[name].append((g, token - offset, item.clean[name][token]))
-    below = min(start_layer(k, layer, window, n_layers) for _, k, layer in cells)
+    below = min(start_layer(k, layer, window, n_layers, folded) for _, k, layer in cells)
     ids = torch.cat([m.tp.input_ids[:, offset:].expand(n_copies, -1) for m in members])
     kwargs: dict = {"input_ids": ids}
     if offset:
-        kwargs["past_key_values"] = prefix_cache([m.corrupted for m in members], offset)
+        kwargs["past_key_values"] = prefix_cache([m.corrupted for m in members], offset, below)
         kwargs["use_cache"] = True
     if accepts_logits_to_keep(lm.model):
         kwargs["logits_to_keep"] = 1
@@ -166,7 +187,9 @@ def _run_pass(lm: LoadedModel, items: Sequence[FastItem], cells: Sequence[GroupC
         stub_hidden = None
     else:
         stub_hidden = torch.cat([m.corrupted.blocks[below - 1][:, offset:] for m in members])
-    with skip_blocks(lm, below, stub_hidden, members[0].corrupted.block_rest), \
+    # last_position_mlp is entered first so that its hooks run before the restorations'.
+    with last_position_mlp(lm), \
+            skip_blocks(lm, below, stub_hidden, members[0].corrupted.block_rest), \
             edit_output(lm.model, edits):
         logits = lm.model(**kwargs).logits
     answers = torch.tensor([m.tp.answer_id for m in members], device=logits.device)
@@ -188,6 +211,7 @@ def trace_fast_many(
     if len({item.noise.shape[0] for item in items}) > 1:
         raise ValueError("all prompts traced together need the same number of noised copies.")
     n_layers = lm.n_layers
+    folded = frozenset(items[0].corrupted.states) if items else frozenset()
     grids = [{k: torch.full((item.tp.n_tokens, n_layers), item.corrupted.p_corrupt,
                             dtype=torch.float64) for k in kinds} for item in items]
     buckets: dict[tuple[int, bool], list[int]] = defaultdict(list)
@@ -199,8 +223,8 @@ def trace_fast_many(
         for token in range(n_tokens):
             cells = [(i, k, layer) for i in members for k in kinds for layer in range(n_layers)
                      if not is_trivial(items[i].tp, k, token, layer, window, n_layers)]
-            cells.sort(key=lambda c: start_layer(c[1], c[2], window, n_layers))
-            starts = [start_layer(k, layer, window, n_layers) for _, k, layer in cells]
+            cells.sort(key=lambda c: start_layer(c[1], c[2], window, n_layers, folded))
+            starts = [start_layer(k, layer, window, n_layers, folded) for _, k, layer in cells]
             for lo, hi in plan_passes(starts, n_layers, cells_per_pass):
                 chunk = cells[lo:hi]
                 probs = _run_pass(lm, items, chunk, window, token,
