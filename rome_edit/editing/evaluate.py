@@ -187,19 +187,15 @@ def _mean(values: Sequence[bool]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(scores: Sequence[NameEditScore]) -> dict[str, float]:
-    """Mean of each metric; every key says whether it is a success rate or a probability."""
-    n = max(1, len(scores))
-    return {
-        "efficacy": sum(s.efficacy for s in scores) / n,
-        "paraphrase": sum(s.paraphrase for s in scores) / n,
-        "specificity": sum(s.specificity for s in scores) / n,
-        "specificity_same_last_token": _mean_of([s.specificity_same_last_token for s in scores]),
-        "specificity_random": _mean_of([s.specificity_random for s in scores]),
-        "city_kept": sum(s.city_kept for s in scores) / n,
-        "mean_p_new_before": sum(s.p_new_before for s in scores) / n,
-        "mean_p_new_after": sum(s.p_new_after for s in scores) / n,
-    }
+def summarize(scores: Sequence[NameEditScore | dict]) -> dict[str, float | None]:
+    """Mean of each metric (success rates; ``mean_p_*`` are probabilities), skipping ``None``."""
+    rows = [s if isinstance(s, dict) else s.to_dict() for s in scores]
+    keys = ("efficacy", "paraphrase", "specificity", "specificity_same_last_token",
+            "specificity_random", "city_kept", "p_new_before", "p_new_after")
+    out = {k: _mean_of([None if r.get(k) is None else float(r[k]) for r in rows]) for k in keys}
+    out["mean_p_new_before"] = out.pop("p_new_before")
+    out["mean_p_new_after"] = out.pop("p_new_after")
+    return out
 
 
 def _mean_of(values: Sequence[float | None]) -> float | None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
 from rome_edit.data.names import NameEntry
-from rome_edit.editing.evaluate import evaluate_edits
+from rome_edit.editing.evaluate import evaluate_edits, summarize
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.record import TENSOR_NAMES
 from rome_edit.editing.request import EditRequest
@@ -153,7 +153,7 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     summary = {
         "n_edits": len(rows), "layer": manifest["layer"],
         "model_identity": manifest["model_identity"], "prompt": manifest["prompt"],
-        **summarize_rows(rows),
+        **summarize(rows),
         "seconds": seconds, "seconds_per_edit": seconds / len(rows),
         "wall_seconds_this_run": wall_seconds,
         "mean_delta_norm": sum(r["delta_norm"] for r in rows) / len(rows),
@@ -162,18 +162,3 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def summarize_rows(rows: Sequence[dict]) -> dict[str, float]:
-    n = len(rows)
-    keys = ("efficacy", "paraphrase", "specificity", "specificity_same_last_token",
-            "specificity_random", "city_kept", "p_new_before", "p_new_after")
-    out = {}
-    for k in keys:
-        values = [float(r[k]) for r in rows if r.get(k) is not None]
-        out[k] = sum(values) / len(values) if values else None
-    out["mean_p_new_before"] = out.pop("p_new_before")
-    out["mean_p_new_after"] = out.pop("p_new_after")
-    return out
-
-

@@ -11,6 +11,9 @@ but three facts about the computation are exploited:
    stream in every supported family) and runs only blocks ``L+1 .. v_loss_layer``.
 3. Requests whose loss falls below the early-stop threshold leave the batch.
 
+It also runs GPT-style ``gelu_new`` as torch's fused kernel (:func:`fused_activations`; the
+same function to float rounding).
+
 Each prompt is laid out as ``[left pad][prefix][suffix][right pad]`` so every prompt's ``s``
 sits in the same column; position ids count real tokens only, so positions equal the plain
 implementation's.
@@ -31,7 +34,7 @@ from rome_edit.editing.request import EditRequest, PromptLayout, rewriting_layou
 from rome_edit.editing.value import EARLY_STOP_LOSS, ValueResult, clamp_, loss_layer_of
 from rome_edit.models.architectures import get_module
 from rome_edit.models.hooks import capture
-from rome_edit.models.layers import only_blocks
+from rome_edit.models.layers import fused_activations, only_blocks
 from rome_edit.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -100,10 +103,11 @@ def optimize_values(
     """
     results: list[ValueResult] = []
     bar = tqdm(total=len(requests), desc="v* (batched)", unit="edit", disable=not progress)
-    for start in range(0, len(requests), chunk_size):
-        chunk = requests[start : start + chunk_size]
-        results.extend(_optimize_chunk(lm, chunk, hp, context_templates))
-        bar.update(len(chunk))
+    with fused_activations(lm.model):
+        for start in range(0, len(requests), chunk_size):
+            chunk = requests[start : start + chunk_size]
+            results.extend(_optimize_chunk(lm, chunk, hp, context_templates))
+            bar.update(len(chunk))
     bar.close()
     return results
 

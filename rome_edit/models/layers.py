@@ -37,3 +37,26 @@ def logits_at_layer(lm: LoadedModel, layer: int, **inputs: torch.Tensor) -> torc
     """Logits read out after block ``layer`` (the model's own logits for the last layer)."""
     with only_blocks(lm, 0, layer + 1):
         return lm.model(**inputs).logits
+
+
+@contextmanager
+def fused_activations(model: nn.Module) -> Iterator[None]:
+    """Swap transformers' Python ``gelu_new`` for torch's fused tanh-GELU; restore on exit.
+
+    ``NewGELUActivation`` computes ``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`` in five Python
+    tensor ops; ``nn.GELU(approximate="tanh")`` is the same formula in one kernel (results agree
+    to float rounding).  On small models it is a large share of each forward and backward.
+    """
+    from transformers.activations import NewGELUActivation
+
+    swapped = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                swapped.append((parent, name, child))
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
