@@ -58,23 +58,17 @@ class NameEditScore:
         return asdict(self)
 
 
-_LAST_TOKEN_CACHE: dict[tuple[int, tuple[str, ...]], dict[str, int]] = {}
+def last_tokens(tokenizer, names: Sequence[str]) -> dict[str, int]:
+    """Each name's last token in ``"Name: {}. Gender:"``."""
+    spans = [locate_subject(tokenizer, EDIT_PROMPT, n) for n in names]
+    return {n: sp.input_ids[sp.last] for n, sp in zip(names, spans)}
 
 
-def _last_tokens(tokenizer, names: tuple[str, ...]) -> dict[str, int]:
-    """Each name's last token in ``"Name: {}. Gender:"`` (memoised per tokenizer and list)."""
-    key = (id(tokenizer), names)
-    if key not in _LAST_TOKEN_CACHE:
-        spans = [locate_subject(tokenizer, EDIT_PROMPT, n) for n in names]
-        _LAST_TOKEN_CACHE.clear()  # keep one list: a sweep asks for the same one repeatedly
-        _LAST_TOKEN_CACHE[key] = {n: sp.input_ids[sp.last] for n, sp in zip(names, spans)}
-    return _LAST_TOKEN_CACHE[key]
-
-
-def neighbours(subject: str, names: Sequence[NameEntry], tokenizer, n_same_last: int = 5,
-               n_random: int = 5, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Other names: up to ``n_same_last`` ending in the same token, and ``n_random`` others."""
-    last = _last_tokens(tokenizer, tuple(e.name for e in names) + (subject,))
+def neighbours(subject: str, names: Sequence[NameEntry], last: dict[str, int],
+               n_same_last: int = 5, n_random: int = 5, seed: int = 0
+               ) -> tuple[list[str], list[str]]:
+    """Other names: up to ``n_same_last`` ending in the same token (``last``: name → last
+    token, see :func:`last_tokens`), and ``n_random`` others, chosen with a per-name seed."""
     others = [e.name for e in names if e.name != subject]
     rng = random.Random(f"{seed}:{subject}")
     same = [n for n in others if last[n] == last[subject]]
@@ -118,7 +112,8 @@ def evaluate_edits(
     """
     genders = {e.name: e.gender for e in names}
     subjects = [r.request.subject for r in records]
-    split = {s: neighbours(s, names, lm.tokenizer, n_same_last, n_random) for s in subjects}
+    last = last_tokens(lm.tokenizer, [e.name for e in names] + subjects)
+    split = {s: neighbours(s, names, last, n_same_last, n_random) for s in subjects}
     near = {s: same + rand for s, (same, rand) in split.items()}
     involved = sorted({*subjects, *(n for v in near.values() for n in v)})
     before = dict(zip(involved, _gender_prediction(lm, involved)))
