@@ -1,6 +1,7 @@
 """Sweeps: resumable with nothing lost or duplicated, and a store that refuses mixing."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,62 @@ def test_sweep_refuses_to_mix(tiny_gptj, tmp_path):
     with pytest.raises(ValueError, match="different"):
         run_sweep(lm, NAMES, other, CTX, tmp_path / "s", batch_size=2, progress=False)
     assert (tmp_path / "s" / "records.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_sweep_survives_sigkill(tiny_gptj, tmp_path):
+    """Kill -9 a CLI sweep at several moments; the resumed store has every name exactly once."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir = tmp_path / "tiny"
+    tiny_gptj.model.save_pretrained(model_dir)
+    tiny_gptj.tokenizer.save_pretrained(model_dir)
+    (tmp_path / "hp.json").write_text(json.dumps({
+        "layers": [1], "v_loss_layer": 3, "v_num_grad_steps": 4, "mom2_adjustment": False}))
+    (tmp_path / "ctx.json").write_text(json.dumps(CTX))
+    names = [n for n in __import__("rome_edit.data.names", fromlist=["x"]).load_names()[:24]]
+    (tmp_path / "names.csv").write_text(
+        "name,gender\n" + "".join(f"{e.name},{e.gender}\n" for e in names))
+    argv = [sys.executable, "-m", "rome_edit", "sweep", "--model", str(model_dir), "--names",
+            str(tmp_path / "names.csv"), "--hparams", str(tmp_path / "hp.json"),
+            "--context-templates", str(tmp_path / "ctx.json"), "--batch-size", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rng = random.Random(0)
+    kills = 0
+    shards = tmp_path / "killed" / "shards"
+    for _ in range(4):
+        before = len(list(shards.glob("*.jsonl"))) if shards.exists() else 0
+        proc = subprocess.Popen([*argv, "--out", str(tmp_path / "killed")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait until this run has finished a batch, then kill at a random moment after it:
+        # mid-batch, mid-write or between batches.
+        while proc.poll() is None and (not shards.exists() or
+                                       len(list(shards.glob("*.jsonl"))) == before):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    done = subprocess.run([*argv, "--out", str(tmp_path / "killed")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert kills >= 1
+    rows = [json.loads(x) for x in
+            (tmp_path / "killed" / "records.jsonl").read_text().splitlines() if x]
+    assert sorted(r["subject"] for r in rows) == sorted(e.name for e in names)
+    clean = subprocess.run([*argv, "--out", str(tmp_path / "clean")], env=env,
+                           capture_output=True, text=True)
+    assert clean.returncode == 0
+    order = {r["subject"]: i for i, r in enumerate(rows)}
+    clean_rows = [json.loads(x) for x in
+                  (tmp_path / "clean" / "records.jsonl").read_text().splitlines() if x]
+    a = load_file(str(tmp_path / "killed" / "deltas.safetensors"))["delta"]
+    b = load_file(str(tmp_path / "clean" / "deltas.safetensors"))["delta"]
+    for j, r in enumerate(clean_rows):
+        torch.testing.assert_close(a[order[r["subject"]]], b[j])
