@@ -225,3 +225,25 @@ def test_batched_evaluation_equals_real_weight_edits(tiny_gptj):
         new_id = lm.tokenizer(rec.request.target_new, add_special_tokens=False)["input_ids"][0]
         assert abs(score.p_new_after - lp[new_id].exp().item()) < 1e-4
         assert score == alone
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_edit_matches_float32(tokenizer, dtype):
+    """δ is optimised in float32 on a half-precision model; the update is cast back."""
+    from conftest import make_tiny
+
+    from rome_edit.models.loading import wrap_model
+
+    lm32 = make_tiny("gptj", tokenizer)
+    half = make_tiny("gptj", tokenizer)
+    lm16 = wrap_model(half.model.to(dtype), tokenizer, "tiny-half")
+    hp = hp_for(lm32, v_num_grad_steps=10, clamp_norm_factor=10)
+    r32 = compute_edits(lm32, REQS, hp, CTX, progress=False)
+    r16 = compute_edits(lm16, REQS, hp, CTX, progress=False)
+    for a, b in zip(r32, r16):
+        assert b.delta.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a.delta, b.delta, dim=0) > 0.98
+    before = out_proj_weight(lm16.model, lm16.arch, 1).clone()
+    with applied(lm16, r16[:1]):
+        assert out_proj_weight(lm16.model, lm16.arch, 1).dtype == dtype
+    assert torch.equal(out_proj_weight(lm16.model, lm16.arch, 1), before)
