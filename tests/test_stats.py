@@ -205,7 +205,9 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sm_module, "save_file", crash)
+    import rome_edit.storage as storage_module  # where the atomic write lives
+
+    monkeypatch.setattr(storage_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         _stats(2 * torch.eye(3)).save(path)
     assert path.read_bytes() == before

@@ -14,15 +14,15 @@ unpickles: a pickle or ``torch.save`` file is recognised and refused with a mess
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from rome_edit.storage import atomic_save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ def save_gender_vector(vector: GenderVector, path: str | Path) -> Path:
     metadata = {"format": FILE_FORMAT, "scale_mode": vector.scale_mode,
                 "model_identity": vector.model_identity, "layer": str(vector.layer)}
     metadata |= {name: repr(float(getattr(vector, name))) for name in _FLOAT_FIELDS}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({VECTOR_TENSOR: vector.vector}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a failed write never leaves a half-written vector file behind
+    atomic_save_tensors({VECTOR_TENSOR: vector.vector}, path, metadata)
     log.info("saved gender vector (norm %.3f, %s) to %s", vector.norm, vector.scale_mode, path)
     return path
 

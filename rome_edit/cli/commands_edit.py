@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
@@ -71,7 +72,7 @@ def run_edit(args: argparse.Namespace) -> int:
     with applied(lm, [record]):
         p_after = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
     probs = {"target_first_token": {"before": p_before, "after": p_after}}
-    record = type(record)(**{**record.__dict__, "probs": probs})
+    record = replace(record, probs=probs)
     record.save(args.out)
     print(f"edit: {text!r} -> {args.target!r} at layer {hp.layer} ({hp.update_form} update)")
     print(f"p({args.target!r}) before {p_before:.4f}  after {p_after:.4f}")

@@ -14,6 +14,7 @@ import torch
 from rome_edit.editing.context import compose
 from rome_edit.models.hooks import capture, run_until
 from rome_edit.models.loading import LoadedModel
+from rome_edit.models.scoring import pad_id, right_pad
 from rome_edit.models.subject import locate_subject
 
 
@@ -26,18 +27,13 @@ def keys_and_values(
     name = lm.arch.out_proj.format(layer)
     spans = [locate_subject(lm.tokenizer, t, s) for t, s in zip(templates, subjects)]
     keys, values = [], []
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     for start in range(0, len(spans), batch_size):
         chunk = spans[start : start + batch_size]
-        width = max(len(s.input_ids) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            mask[i, : len(s.input_ids)] = 1
+        ids, mask = right_pad([s.input_ids for s in chunk], pad, lm.device)
         last = torch.tensor([s.last for s in chunk])
         with capture(lm.model, [name], inputs=True, stop_after=name) as rec:
-            run_until(lm.model, input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+            run_until(lm.model, input_ids=ids, attention_mask=mask)
         rows = torch.arange(len(chunk))
         keys.append(rec.inputs[name][rows, last.to(lm.device)].float().cpu())
         values.append(rec.outputs[name][rows, last.to(lm.device)].float().cpu())

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
@@ -33,21 +32,9 @@ from rome_edit.editing.record import TENSOR_NAMES
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import SecondMomentInverse, compute_edits
 from rome_edit.models.loading import LoadedModel
+from rome_edit.storage import atomic_save_tensors, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
-                        metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _manifest(lm: LoadedModel, hp: ROMEHyperParams, templates: Sequence[str],

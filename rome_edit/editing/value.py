@@ -26,6 +26,7 @@ from rome_edit.editing.request import EditRequest, PromptLayout, rewriting_layou
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.layers import logits_at_layer
 from rome_edit.models.loading import LoadedModel
+from rome_edit.models.scoring import pad_id, right_pad
 
 EARLY_STOP_LOSS = 5e-2
 
@@ -85,14 +86,7 @@ def optimize_value(
     layouts, kl = rewriting_layouts(lm.tokenizer, request, context_templates)
     rows = [*layouts, kl]
     lengths = [len(r.ids) for r in rows]
-    width = max(lengths)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
-    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    ids, mask = right_pad([r.ids for r in rows], pad_id(lm.tokenizer), lm.device)
     lookups = torch.tensor([r.lookup for r in rows], device=lm.device)
     row_index = torch.arange(len(rows), device=lm.device)
     loss_layer = loss_layer_of(lm, hp)

@@ -36,6 +36,7 @@ from rome_edit.models.architectures import get_module
 from rome_edit.models.hooks import capture
 from rome_edit.models.layers import fused_activations, only_blocks
 from rome_edit.models.loading import LoadedModel
+from rome_edit.models.scoring import pad_id
 
 log = logging.getLogger(__name__)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the reference uses
@@ -64,7 +65,7 @@ class _Batch:
         self.n, self.R = len(per_request), len(per_request[0])
         self.P = max(r.lookup for r in rows)
         self.S = max(len(r.ids) - r.lookup for r in rows)
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(lm.tokenizer)
         ids = torch.full((len(rows), self.P + self.S), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         t_max = max(len(r.targets) for r in rows)

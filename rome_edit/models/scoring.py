@@ -9,6 +9,27 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding: the pad token, else EOS, else 0 (masked out either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def right_pad(
+    sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a right-padded ``(ids, attention_mask)`` pair on ``device``."""
+    width = max(len(ids) for ids in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.tensor(list(tokens))
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def encode_batch(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -18,15 +39,9 @@ def encode_batch(
     (causal attention never looks right), so rotary/absolute positions match unbatched runs.
     """
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(encoded), width), pad or 0, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    input_ids, mask = right_pad(encoded, pad_id(tokenizer), device)
     last = torch.tensor([len(ids) - 1 for ids in encoded])
-    return input_ids.to(device), mask.to(device), last.to(device)
+    return input_ids, mask, last.to(device)
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -110,9 +125,8 @@ def generate(
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        do_sample=do_sample, pad_token_id=pad,
+        do_sample=do_sample, pad_token_id=pad_id(tokenizer),
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -16,22 +16,22 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rome_edit.models.architectures import check_layer, mlp_widths
 from rome_edit.models.hooks import capture, run_until
 from rome_edit.models.loading import LoadedModel
+from rome_edit.models.scoring import pad_id, right_pad
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus, tokenize_documents
 from rome_edit.stats.inverse import InverseSecondMoment
+from rome_edit.storage import atomic_save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +160,7 @@ class SecondMoment:
             "corpus_id": self.corpus_id, "n_documents": str(self.n_documents),
             "n_tokens": str(self.n_tokens), "dtype": self.dtype, "d_mlp": str(self.d_mlp),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({TENSOR_NAME: self.matrix.contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_save_tensors({TENSOR_NAME: self.matrix.contiguous()}, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path, model_identity: str | None = None, layer: int | None = None,
@@ -241,16 +233,6 @@ def _batches(items: Iterable[list[int]], size: int, window: int = 32
             yield chunk[start : start + size]
 
 
-def _right_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, tokens in enumerate(batch):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def compute_second_moment(
     lm: LoadedModel,
@@ -276,7 +258,7 @@ def compute_second_moment(
     name = lm.arch.out_proj.format(layer)
     _, d_mlp = mlp_widths(lm.model, lm.arch)
     tokenizer = lm.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     max_length = max_length or context_length(lm)
     accumulator = SecondMomentAccumulator(d_mlp, dtype)
     documents = itertools.islice(tokenize_documents(corpus, tokenizer, max_length), n_samples)
@@ -287,7 +269,7 @@ def compute_second_moment(
             tqdm(total=n_samples, unit="doc", desc=f"C at layer {layer}",
                  disable=not progress) as bar:
         for batch in _batches(documents, batch_size):
-            ids, mask = _right_padded(batch, pad or 0, lm.device)
+            ids, mask = right_pad(batch, pad, lm.device)
             run_until(lm.model, input_ids=ids, attention_mask=mask)
             keys = record.inputs.pop(name, None)
             if keys is None:

@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file in the same folder, then ``os.replace``.
+
+A run killed at any moment leaves either the old file or the new one, never a truncated file,
+and no temporary file survives a failed write.  Used by every store rome-edit writes (sweep
+shards and merged stores, statistics, gender vectors).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@contextmanager
+def _temporary_beside(path: Path) -> Iterator[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    with _temporary_beside(path) as tmp:
+        write(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                        metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, atomically."""
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
