@@ -48,7 +48,7 @@ def test_sweep_resumes_after_interruption(tiny_gptj, tmp_path, monkeypatch):
     assert sorted(r["subject"] for r in rows) == sorted(n.name for n in NAMES)
     a = load_file(str(tmp_path / "full" / "deltas.safetensors"))["delta"]
     b = load_file(str(tmp_path / "resumed" / "deltas.safetensors"))["delta"]
-    torch.testing.assert_close(a, b)
+    assert torch.equal(a, b)  # fixed batches: the redone batch has the same companions
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     for key in ("n_edits", "layer", "efficacy", "paraphrase", "specificity", "seconds",
                 "seconds_per_edit"):
@@ -118,10 +118,10 @@ def test_sweep_survives_sigkill(tiny_gptj, tmp_path):
     clean = subprocess.run([*argv, "--out", str(tmp_path / "clean")], env=env,
                            capture_output=True, text=True)
     assert clean.returncode == 0
-    order = {r["subject"]: i for i, r in enumerate(rows)}
     clean_rows = [json.loads(x) for x in
                   (tmp_path / "clean" / "records.jsonl").read_text().splitlines() if x]
-    a = load_file(str(tmp_path / "killed" / "deltas.safetensors"))["delta"]
-    b = load_file(str(tmp_path / "clean" / "deltas.safetensors"))["delta"]
-    for j, r in enumerate(clean_rows):
-        torch.testing.assert_close(a[order[r["subject"]]], b[j])
+    assert [r["subject"] for r in rows] == [r["subject"] for r in clean_rows]
+    a = load_file(str(tmp_path / "killed" / "deltas.safetensors"))
+    b = load_file(str(tmp_path / "clean" / "deltas.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)  # bit-identical to an uninterrupted run
+    assert not list((tmp_path / "killed").rglob("*.tmp"))  # no temporary file survives

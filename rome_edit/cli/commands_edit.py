@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.data.names import load_names
+from rome_edit.distributed import SINGLE, Workers, data_parallel
 from rome_edit.editing.apply import applied
 from rome_edit.editing.evaluate import generations
 from rome_edit.editing.request import EditRequest
@@ -53,11 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=run_sweep_cmd)
 
 
-def _setup(args):
-    lm = model_from_args(args)
+def _setup(args, workers: Workers = SINGLE):
+    lm = model_from_args(args, workers.device)
     hp = default_hparams(lm, args.hparams, args.layer, args.update)
-    templates = context_templates_for(lm, hp, args.context_templates, args.seed)
-    inverse = inverse_for(lm, hp, args.stats, args.corpus)
+    # Sampled templates could differ between devices; every process uses the main one's.
+    templates = workers.broadcast(context_templates_for(lm, hp, args.context_templates,
+                                                        args.seed))
+    inverse = inverse_for(lm, hp, args.stats, args.corpus, workers=workers)
     return lm, hp, templates, inverse
 
 
@@ -88,9 +91,13 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     names = load_names(args.names, None if args.names else "edit")
     if args.limit is not None:
         names = names[: args.limit]
-    lm, hp, templates, inverse = _setup(args)
-    summary = run_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
-                        neighbour_names=load_names(args.names) if args.names else load_names())
+    neighbours = load_names(args.names) if args.names else load_names()
+    with data_parallel() as workers:
+        lm, hp, templates, inverse = _setup(args, workers)
+        summary = run_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
+                            neighbour_names=neighbours, workers=workers)
+    if not workers.is_main:
+        return 0
     shown = {k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase", "specificity",
                                      "city_kept", "seconds", "seconds_per_edit")}
     print(json.dumps(shown, indent=1))

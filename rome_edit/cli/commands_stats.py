@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.distributed import data_parallel
 from rome_edit.stats.cache import cached_second_moment, default_cache_dir
 from rome_edit.stats.corpus import resolve_corpus
 from rome_edit.stats.second_moment import STATS_DTYPES
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="truncate documents to this many tokens (default: context length)")
     stats.add_argument("--cache-dir", type=Path, default=None,
                        help=f"cache folder (default $ROME_EDIT_CACHE or {default_cache_dir()})")
+    stats.add_argument("--checkpoint-every", type=int, default=25, metavar="BATCHES",
+                       help="save the running sum every BATCHES batches so that a killed run "
+                            "resumes from there (default 25)")
     stats.set_defaults(func=run_stats)
 
 
@@ -47,16 +51,21 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a file name such as "
                          f"{args.out / f'stats_layer{args.layer}.safetensors'}.")
-    if args.batch_size < 1 or args.n_samples < 1:
-        raise ValueError("--batch-size and --n-samples must be at least 1.")
+    if min(args.batch_size, args.n_samples, args.checkpoint_every) < 1:
+        raise ValueError("--batch-size, --n-samples and --checkpoint-every must be at least 1.")
     corpus = resolve_corpus(args.corpus, whole_file=args.whole_file)
-    lm = model_from_args(args)
-    result = cached_second_moment(
-        lm, args.layer, corpus, n_samples=args.n_samples, dtype=args.stats_dtype,
-        batch_size=args.batch_size, max_length=args.max_length, cache_dir=args.cache_dir,
-    )
-    stats = result.stats
-    out = stats.save(args.out)
+    with data_parallel() as workers:
+        lm = model_from_args(args, workers.device)
+        result = cached_second_moment(
+            lm, args.layer, corpus, n_samples=args.n_samples, dtype=args.stats_dtype,
+            batch_size=args.batch_size, max_length=args.max_length, cache_dir=args.cache_dir,
+            workers=workers, checkpoint_every=args.checkpoint_every,
+        )
+        if workers.is_main:
+            result.stats.save(args.out)
+    if not workers.is_main:
+        return 0
+    stats, out = result.stats, args.out
     low, high = stats.eigenvalue_range()
     cond = high / low if low > 0 else math.inf
     rows = [

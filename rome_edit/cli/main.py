@@ -18,10 +18,15 @@ from rome_edit.cli import (
     commands_stats,
     commands_trace,
 )
+from rome_edit.distributed import launched_in_parallel
 
 # Each module exposes ``register(subparsers)``; order is the order of the help text.
 COMMAND_MODULES = [commands_model, commands_trace, commands_stats, commands_edit,
                    commands_analysis]
+
+
+# Commands that split their work over data-parallel processes (rome_edit.distributed).
+PARALLEL_COMMANDS = ("sweep", "stats")
 
 
 class UserError(Exception):
@@ -48,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if launched_in_parallel() and args.command not in PARALLEL_COMMANDS:
+            raise UserError(f"'{args.command}' runs in one process; launch only "
+                            f"{' and '.join(PARALLEL_COMMANDS)} with several processes.")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

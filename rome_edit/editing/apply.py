@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from rome_edit.editing.record import EditRecord
-from rome_edit.models.architectures import check_layer, out_proj_weight
+from rome_edit.models.architectures import check_editable, check_layer, out_proj_weight
 from rome_edit.models.hooks import edit_from_input
 from rome_edit.models.loading import LoadedModel
 
@@ -21,6 +21,7 @@ from rome_edit.models.loading import LoadedModel
 def check_record(lm: LoadedModel, record: EditRecord, strict_identity: bool = True) -> None:
     """Refuse a record made for another model or of the wrong width (changes nothing)."""
     check_layer(lm.model, lm.arch, record.layer)
+    check_editable(lm.model, lm.arch, record.layer)
     weight = out_proj_weight(lm.model, lm.arch, record.layer)
     d_model, d_mlp = (weight.shape[::-1] if lm.arch.out_proj_transposed else weight.shape)
     if record.u.shape != (d_mlp,) or record.lam.shape != (d_model,):

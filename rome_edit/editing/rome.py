@@ -23,7 +23,7 @@ from rome_edit.editing.request import EditRequest
 from rome_edit.editing.update import rank_one_update
 from rome_edit.editing.value import loss_layer_of, optimize_value
 from rome_edit.editing.value_batched import optimize_values
-from rome_edit.models.architectures import check_layer, get_module, mlp_widths
+from rome_edit.models.architectures import check_editable, check_layer, get_module, mlp_widths
 from rome_edit.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class SecondMomentInverse:
 def check_request_inputs(lm: LoadedModel, hp: ROMEHyperParams,
                          inverse: SecondMomentInverse | None) -> None:
     check_layer(lm.model, lm.arch, hp.layer)
+    check_editable(lm.model, lm.arch, hp.layer)
     loss_layer_of(lm, hp)
     if hp.mom2_adjustment and inverse is None:
         raise ValueError("mom2_adjustment is on but no second-moment statistics were given; "

@@ -11,6 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from rome_edit.distributed import SINGLE, Workers
 from rome_edit.editing.context import load_context_templates, sample_context_templates
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.rome import SecondMomentInverse
@@ -56,6 +57,7 @@ def context_templates_for(lm: LoadedModel, hp: ROMEHyperParams, path: str | Path
 def inverse_for(
     lm: LoadedModel, hp: ROMEHyperParams, stats_file: str | Path | None = None,
     corpus: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+    workers: Workers = SINGLE,
 ) -> SecondMomentInverse | None:
     """``C⁻¹`` for the edit layer: a stats file, else the on-disk cache (computing on a miss)."""
     if not hp.mom2_adjustment:
@@ -67,7 +69,8 @@ def inverse_for(
     else:
         spec = corpus or ("bundled" if hp.mom2_dataset == "bundled" else f"hf:{hp.mom2_dataset}")
         cached = cached_second_moment(lm, hp.layer, resolve_corpus(spec), hp.mom2_n_samples,
-                                      hp.mom2_dtype, cache_dir=cache_dir, progress=progress)
+                                      hp.mom2_dtype, cache_dir=cache_dir, progress=progress,
+                                      workers=workers)
         stats, path = cached.stats, cached.path
     provenance = {"model_identity": stats.model_identity, "layer": stats.layer,
                   "d_mlp": stats.d_mlp, "corpus_id": stats.corpus_id,

@@ -4,9 +4,10 @@ A sweep directory holds
 
 * ``sweep.json`` — what the sweep is (model identity, layer, hyperparameters, context
   templates, statistics provenance).  Resuming with anything different is refused.
-* ``shards/NNNNN.safetensors`` + ``shards/NNNNN.jsonl`` — one pair per finished batch, each file
-  written to a temporary name and renamed, the JSONL last: a shard counts only once its JSONL
-  exists, so a kill at any moment loses at most the batch in progress and never duplicates.
+* ``shards/NNNNN.safetensors`` + ``shards/NNNNN.jsonl`` — one pair per finished batch ``NNNNN``
+  (a fixed slice of the names), each file written to a temporary name and renamed, the JSONL
+  last: a shard counts only once its JSONL exists, so a kill at any moment loses at most the
+  batches in progress and never duplicates.  Data-parallel processes write disjoint shards.
 * after the last batch, the merged store: ``deltas.safetensors`` (tensor ``delta``, one row per
   name in the order of ``records.jsonl``, plus ``v_orig``, ``v_star``, ``k_star``, ``u``,
   ``lam``), ``records.jsonl`` and ``summary.json``.
@@ -14,6 +15,7 @@ A sweep directory holds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,11 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
 from rome_edit.data.names import NameEntry
+from rome_edit.distributed import SINGLE, Workers
 from rome_edit.editing.evaluate import evaluate_edits, summarize
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.record import TENSOR_NAMES
@@ -44,11 +48,27 @@ def _manifest(lm: LoadedModel, hp: ROMEHyperParams, templates: Sequence[str],
             "stats": inverse.provenance if inverse is not None else None}
 
 
-def _done_rows(shard_dir: Path) -> list[dict]:
-    rows = []
-    for jsonl in sorted(shard_dir.glob("*.jsonl")):
-        rows.extend(json.loads(line) for line in jsonl.read_text().splitlines() if line)
-    return rows
+def _shard_rows(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+
+
+def _check_manifest(out: Path, manifest: dict, workers: Workers) -> None:
+    """Write ``sweep.json``, or refuse a directory that holds a different sweep."""
+    path = out / "sweep.json"
+    existed = path.exists()
+    if workers.is_main:  # a kill -9 mid-write leaves its temporary file; nothing reads those
+        for stale in out.rglob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    workers.barrier()  # every process decides on the same state of the folder
+    if existed:
+        existing = json.loads(path.read_text())
+        if existing != manifest:
+            diff = sorted(k for k in manifest if existing.get(k) != manifest[k])
+            raise ValueError(f"{out} holds a sweep with different {diff}; use another --out "
+                             "directory (or delete it) instead of mixing sweeps.")
+    elif workers.is_main:
+        atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    workers.barrier()
 
 
 def run_sweep(
@@ -62,35 +82,37 @@ def run_sweep(
     neighbour_names: Sequence[NameEntry] | None = None,
     prompt: str = EDIT_PROMPT,
     progress: bool = True,
+    workers: Workers = SINGLE,
 ) -> dict:
     """Edit every name to the other gender, record ``delta = v* − v_orig``; resumable.
 
-    Returns the summary (also written to ``summary.json``).
+    The names are cut into fixed batches of ``batch_size`` (batch ``b`` = names
+    ``b·batch_size ..``), and batch ``b`` is stored as shard ``b``: a resumed run redoes exactly
+    the batches that have no shard, with the same companions, so its deltas are bit-identical
+    to an uninterrupted run's.  Data-parallel ``workers`` take every N-th batch; the main
+    process merges.  Returns the summary (also written to ``summary.json``).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     out = Path(out_dir)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(lm, hp, context_templates, inverse, prompt)
-    manifest_path = out / "sweep.json"
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
-        if existing != manifest:
-            diff = sorted(k for k in manifest if existing.get(k) != manifest[k])
-            raise ValueError(f"{out} holds a sweep with different {diff}; use another --out "
-                             "directory (or delete it) instead of mixing sweeps.")
-    else:
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    seen = [r["subject"] for r in _done_rows(shard_dir)]
-    if len(seen) != len(set(seen)):
-        raise ValueError(f"{shard_dir} records some names twice; the store is corrupt.")
-    todo = [e for e in names if e.name not in set(seen)]
+    order = [[e.name, e.gender] for e in names]
+    manifest = {**_manifest(lm, hp, context_templates, inverse, prompt),
+                "batch_size": batch_size,
+                "names_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()}
+    _check_manifest(out, manifest, workers)
+    batches = [list(names[i : i + batch_size]) for i in range(0, len(names), batch_size)]
+    todo = [b for b in range(len(batches))
+            if workers.owns(b) and not _shard(shard_dir, b).with_suffix(".jsonl").exists()]
     neighbour_names = list(neighbour_names or names)
-    next_shard = len(list(shard_dir.glob("*.jsonl")))
     t_start = time.perf_counter()
-    bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="sweep", unit="edit",
+    mine = sum(len(batches[b]) for b in range(len(batches)) if workers.owns(b))
+    bar = tqdm(total=mine, initial=mine - sum(len(batches[b]) for b in todo), unit="edit",
+               desc="sweep" if not workers.parallel else f"sweep [{workers.rank}]",
                disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+    for b in todo:
+        batch = batches[b]
         t0 = time.perf_counter()
         requests = [EditRequest(e.name, prompt, ANSWERS[other_gender(e.gender)],
                                 ANSWERS[e.gender]) for e in batch]
@@ -98,7 +120,7 @@ def run_sweep(
                                 chunk_size=batch_size, progress=False)
         scores = evaluate_edits(lm, records, neighbour_names, progress=False)
         seconds = time.perf_counter() - t0
-        stem = shard_dir / f"{next_shard:05d}"
+        stem = _shard(shard_dir, b)
         atomic_save_tensors({n: torch.stack([getattr(r, n).float() for r in records])
                              for n in TENSOR_NAMES}, stem.with_suffix(".safetensors"))
         lines = [json.dumps({"subject": e.name, "gender": e.gender,
@@ -108,11 +130,19 @@ def run_sweep(
                              **{k: v for k, v in s.to_dict().items() if k not in ("subject",
                                                                                    "gender")}})
                  for e, r, s in zip(batch, records, scores)]
+        # The JSONL is written last: a shard counts only once it exists.
         atomic_write_text(stem.with_suffix(".jsonl"), "\n".join(lines) + "\n")
-        next_shard += 1
         bar.update(len(batch))
     bar.close()
-    return merge_sweep(out, wall_seconds=time.perf_counter() - t_start)
+    workers.barrier()
+    if workers.is_main:
+        merge_sweep(out, wall_seconds=time.perf_counter() - t_start)
+    workers.barrier()
+    return json.loads((out / "summary.json").read_text())
+
+
+def _shard(shard_dir: Path, batch: int) -> Path:
+    return shard_dir / f"{batch:05d}"
 
 
 def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
@@ -122,16 +152,26 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     shard_dir = out / "shards"
     rows, tensors = [], {n: [] for n in TENSOR_NAMES}
     for jsonl in sorted(shard_dir.glob("*.jsonl")):
-        part = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
-        data = load_file(str(jsonl.with_suffix(".safetensors")))
-        if data["delta"].shape[0] != len(part):
-            raise ValueError(f"shard {jsonl.stem} is corrupt ({len(part)} rows, "
-                             f"{data['delta'].shape[0]} deltas); delete both of its files.")
+        fix = f"delete both files of shard {jsonl.stem} and run the sweep again to redo it"
+        try:
+            part = _shard_rows(jsonl)
+            data = load_file(str(jsonl.with_suffix(".safetensors")))
+        except (OSError, SafetensorError, json.JSONDecodeError) as err:
+            raise ValueError(f"shard {jsonl.stem} of {out} is unreadable ({err}); {fix}.") \
+                from None
+        if any(n not in data for n in TENSOR_NAMES) or data["delta"].shape[0] != len(part):
+            raise ValueError(f"shard {jsonl.stem} of {out} is corrupt ({len(part)} rows, "
+                             f"tensors {sorted(data)}); {fix}.")
         rows.extend(part)
         for n in TENSOR_NAMES:
             tensors[n].append(data[n])
     if not rows:
         raise ValueError(f"{out} has no finished edits to merge.")
+    subjects = [r["subject"] for r in rows]
+    if len(subjects) != len(set(subjects)):
+        twice = sorted({s for s in subjects if subjects.count(s) > 1})[:5]
+        raise ValueError(f"{out} records {twice} more than once: the shards of two sweeps were "
+                         "mixed; start again in an empty --out directory.")
     merged = {n: torch.cat(v) for n, v in tensors.items()}
     meta = {"model_identity": manifest["model_identity"], "layer": str(manifest["layer"])}
     atomic_save_tensors(merged, out / "deltas.safetensors", metadata=meta)

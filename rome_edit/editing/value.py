@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest, PromptLayout, rewriting_layouts
+from rome_edit.models.architectures import edit_device
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.layers import logits_at_layer
 from rome_edit.models.loading import LoadedModel
@@ -87,13 +88,14 @@ def optimize_value(
     rows = [*layouts, kl]
     lengths = [len(r.ids) for r in rows]
     ids, mask = right_pad([r.ids for r in rows], pad_id(lm.tokenizer), lm.device)
-    lookups = torch.tensor([r.lookup for r in rows], device=lm.device)
-    row_index = torch.arange(len(rows), device=lm.device)
+    dev = edit_device(lm.model, lm.arch, hp.layer)  # δ lives beside the edited layer
+    lookups = torch.tensor([r.lookup for r in rows], device=dev)
+    row_index = torch.arange(len(rows), device=dev)
     loss_layer = loss_layer_of(lm, hp)
     mlp_name = lm.arch.mlp.format(hp.layer)
 
     d_model = lm.model.config.hidden_size
-    delta = torch.zeros(d_model, requires_grad=True, device=lm.device)
+    delta = torch.zeros(d_model, requires_grad=True, device=dev)
     state: dict[str, torch.Tensor] = {}
 
     def add_delta(hidden: torch.Tensor, _name: str) -> torch.Tensor:
@@ -108,7 +110,7 @@ def optimize_value(
     for step in range(hp.v_num_grad_steps):
         optimizer.zero_grad()
         with edit_output(lm.model, {mlp_name: add_delta}):
-            logits = logits_at_layer(lm, loss_layer, input_ids=ids, attention_mask=mask)
+            logits = logits_at_layer(lm, loss_layer, input_ids=ids, attention_mask=mask).to(dev)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         kl_log_probs = log_probs[-1, lookups[-1]][None]
         if "kl_init" not in state:

@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest, PromptLayout, rewriting_layouts
 from rome_edit.editing.value import EARLY_STOP_LOSS, ValueResult, clamp_, loss_layer_of
-from rome_edit.models.architectures import get_module
+from rome_edit.models.architectures import edit_device, get_module
 from rome_edit.models.hooks import capture
 from rome_edit.models.layers import fused_activations, only_blocks
 from rome_edit.models.loading import LoadedModel
@@ -60,7 +60,8 @@ class _FixedPrefix(DynamicLayer):
 class _Batch:
     """Token layout of all prompts of a chunk of requests (``R`` rows per request)."""
 
-    def __init__(self, lm: LoadedModel, per_request: list[list[PromptLayout]]) -> None:
+    def __init__(self, lm: LoadedModel, per_request: list[list[PromptLayout]],
+                 dev: torch.device) -> None:
         rows = [r for layouts in per_request for r in layouts]
         self.n, self.R = len(per_request), len(per_request[0])
         self.P = max(r.lookup for r in rows)
@@ -82,7 +83,6 @@ class _Batch:
                 self.t_cols[i, :n_t] = torch.arange(first, first + n_t)
                 self.t_ids[i, :n_t] = torch.tensor(r.targets)
                 self.t_mask[i, :n_t] = 1.0
-        dev = lm.device
         self.ids, self.mask = ids.to(dev), mask.to(dev)
         self.pos = (mask.cumsum(-1) - 1).clamp(min=0).to(dev)
         self.t_cols, self.t_ids, self.t_mask = (self.t_cols.to(dev), self.t_ids.to(dev),
@@ -119,35 +119,42 @@ def _optimize_chunk(lm, requests, hp, context_templates) -> list[ValueResult]:
     for req in requests:
         layouts, kl = rewriting_layouts(lm.tokenizer, req, context_templates)
         per_request.append([*layouts, kl])
-    b = _Batch(lm, per_request)
+    # Everything the optimisation indexes lives where the edit layer's MLP output does (the
+    # same device everywhere unless a device map splits the model; then accelerate's hooks
+    # move each block's inputs to that block, and logits come back here).
+    dev = edit_device(lm.model, lm.arch, layer)
+    b = _Batch(lm, per_request, dev)
     n, R = b.n, b.R
     block_name, mlp_name = lm.arch.block.format(layer), lm.arch.mlp.format(layer)
 
     with torch.no_grad(), only_blocks(lm, 0, loss_layer + 1), \
             capture(lm.model, [block_name, mlp_name]) as rec:
-        out = lm.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos, use_cache=True)
+        # Only column P's logits are read (the KL prompt's initial distribution); keeping just
+        # that column spares a rows × tokens × vocab tensor, the largest of the chunk.
+        out = lm.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos, use_cache=True,
+                       logits_to_keep=torch.tensor([b.P], device=dev))
     h_suffix = rec.outputs[block_name][:, b.P :].clone()  # block-L output at positions ≥ s
     v_init = rec.outputs[mlp_name][torch.arange(0, n * R, R), b.P].float()  # bare prompt rows
-    kl_rows = torch.arange(R - 1, n * R, R, device=lm.device)
-    kl_init = torch.log_softmax(out.logits[kl_rows, b.P].float(), dim=-1)
+    kl_rows = torch.arange(R - 1, n * R, R, device=dev)
+    kl_init = torch.log_softmax(out.logits.to(dev)[kl_rows, 0].float(), dim=-1)
     kv = [(lay.keys[..., : b.P, :], lay.values[..., : b.P, :])
           for lay in list(out.past_key_values.layers)[: loss_layer + 1]]
     del out
     position_offset = None
     if lm.arch.position_embed:  # the model adds these to inputs_embeds itself
-        position_offset = get_module(lm.model, lm.arch.position_embed)(b.pos[:, b.P :])
+        position_offset = get_module(lm.model, lm.arch.position_embed)(b.pos[:, b.P :]).to(dev)
 
     delta = torch.zeros_like(v_init)
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     losses: list[list[float]] = [[] for _ in range(n)]
     nlls: list[list[float]] = [[] for _ in range(n)]
-    active = torch.arange(n, device=lm.device)
-    rows = torch.arange(n * R, device=lm.device)
+    active = torch.arange(n, device=dev)
+    rows = torch.arange(n * R, device=dev)
     cache_rows = None
     for step in range(hp.v_num_grad_steps):
         if cache_rows is None or len(cache_rows) != len(rows):
             cache_rows = rows
-            kv_active = [(k[rows], v[rows]) for k, v in kv]
+            kv_active = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv]
         cache = DynamicCache()
         cache.layers = [_FixedPrefix(k, v) for k, v in kv_active]
         d = delta[active].clone().requires_grad_(True)
@@ -158,7 +165,7 @@ def _optimize_chunk(lm, requests, hp, context_templates) -> list[ValueResult]:
         with only_blocks(lm, layer + 1, loss_layer + 1):
             logits = lm.model(inputs_embeds=emb, past_key_values=cache,
                               attention_mask=b.mask[rows], position_ids=b.pos[rows, b.P :],
-                              use_cache=True).logits
+                              use_cache=True).logits.to(dev)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         picked = log_probs.gather(1, b.t_cols[rows][..., None].expand(-1, -1, log_probs.shape[-1]))
         picked = picked.gather(2, b.t_ids[rows][..., None])[..., 0] * b.t_mask[rows]
@@ -183,7 +190,7 @@ def _optimize_chunk(lm, requests, hp, context_templates) -> list[ValueResult]:
         clamp_(sub, v_init[idx], hp)
         delta[idx] = sub
         active = idx
-        rows = (active[:, None] * R + torch.arange(R, device=lm.device)).flatten()
+        rows = (active[:, None] * R + torch.arange(R, device=dev)).flatten()
     return [ValueResult(v_init[i].cpu(), delta[i].cpu(), tuple(losses[i]), tuple(nlls[i]))
             for i in range(n)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 
@@ -122,6 +123,25 @@ def out_proj_weight(model: nn.Module, arch: Architecture, layer: int) -> nn.Para
     """W_out of ``layer`` as stored (``(d_model, d_mlp)``, or its transpose for Conv1D)."""
     check_layer(model, arch, layer)
     return get_module(model, arch.out_proj.format(layer)).weight  # type: ignore[return-value]
+
+
+def edit_device(model: nn.Module, arch: Architecture, layer: int) -> torch.device:
+    """Where ``layer``'s MLP computes: with a device map, each block has its own device."""
+    check_editable(model, arch, layer)
+    return out_proj_weight(model, arch, layer).device
+
+
+def check_editable(model: nn.Module, arch: Architecture, layer: int) -> None:
+    """Refuse a layer whose ``W_out`` a device map offloaded (its weights are not resident)."""
+    weight = out_proj_weight(model, arch, layer)
+    if weight.device.type == "meta":
+        block = arch.block.format(layer)
+        raise ValueError(
+            f"layer {layer} is offloaded by the device map (the weights of {block} are loaded "
+            f"only for each forward pass), so it cannot be edited: give {block} a device of its "
+            "own (raise that device's max_memory, or pass a device_map that puts it on a GPU "
+            "or 'cpu'), or edit another layer."
+        )
 
 
 def check_layer(model: nn.Module, arch: Architecture, layer: int) -> None:

@@ -83,11 +83,15 @@ def load_model(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     templates: dict[str, str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face causal LM by hub id or local directory (default: the bundled model).
 
-    ``device_map``/``max_memory`` are passed to ``from_pretrained`` (accelerate places the
-    blocks); otherwise the model goes to ``device`` (default CPU).
+    ``device_map``/``max_memory``/``offload_folder`` are passed to ``from_pretrained``
+    (accelerate places the blocks, e.g. ``device_map="auto", max_memory={0: "20GiB", 1:
+    "20GiB"}`` splits a model over two GPUs); otherwise the model goes to ``device`` (default
+    CPU).  Blocks that accelerate offloads (to ``"cpu"`` beside GPUs, or ``"disk"``) can be read
+    through but not edited (see :func:`rome_edit.models.placement.check_editable`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
@@ -102,6 +106,8 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     log.info("loading %s (%s)", source, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -113,5 +119,8 @@ def load_model(
         ) from None
     if device_map is None:
         model.to(device or "cpu")
+    elif device is not None:
+        raise ValueError("give either device or device_map, not both (a device map places "
+                         "every block itself).")
     name = "bundled:toy-gptj" if name_or_path is None else source
     return wrap_model(model, tokenizer, name, templates)

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rome_edit.distributed import SINGLE, Workers
 from rome_edit.models.architectures import check_layer
 from rome_edit.models.loading import LoadedModel
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus
@@ -79,8 +80,13 @@ def cached_second_moment(
     max_length: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    workers: Workers = SINGLE,
+    checkpoint_every: int = 25,
 ) -> CachedStats:
-    """Load ``C`` from the cache, or compute it (:func:`compute_second_moment`) and store it."""
+    """Load ``C`` from the cache, or compute it (:func:`compute_second_moment`) and store it.
+
+    With data-parallel ``workers`` all processes compute together and the main one writes.
+    """
     start = time.perf_counter()
     check_layer(lm.model, lm.arch, layer)
     if n_samples < 1:
@@ -103,7 +109,13 @@ def cached_second_moment(
                 return CachedStats(stats, path, True, time.perf_counter() - start)
             log.warning("cache file %s does not match its key %s; recomputing", path, key)
     log.info("cache miss: computing %s", key)
+    # A killed run resumes from its partial sum (one checkpoint per process).
+    partial = path.with_name(f".{path.stem}.b{batch_size}.r{workers.rank}of"
+                             f"{workers.world_size}.partial.safetensors")
     stats = compute_second_moment(lm, layer, corpus, n_samples, dtype, batch_size, max_length,
-                                  progress)
-    stats.save(path)
+                                  progress, workers, checkpoint=partial,
+                                  checkpoint_every=checkpoint_every)
+    if workers.is_main:
+        stats.save(path)
+    workers.barrier()
     return CachedStats(stats, path, False, time.perf_counter() - start)

@@ -25,10 +25,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from rome_edit.distributed import SINGLE, Workers
 from rome_edit.models.architectures import check_layer, mlp_widths
 from rome_edit.models.hooks import capture, run_until
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id, right_pad
+from rome_edit.stats.checkpoint import (
+    PartialSum,
+    PassIdentity,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus, tokenize_documents
 from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.storage import atomic_save_tensors
@@ -84,6 +91,27 @@ class SecondMomentAccumulator:
         flat = flat.to(self._sum.device)
         self._sum.addmm_(flat.T, flat)
         self.n_tokens += flat.shape[0]
+
+    def snapshot(self, n_documents: int, next_batch: int) -> PartialSum:
+        total = None if self._sum is None else self._sum.cpu()
+        return PartialSum(total, self.n_tokens, n_documents, next_batch)
+
+    def restore(self, partial: PartialSum) -> None:
+        if partial.total is not None:
+            self._sum = partial.total.to(stats_dtype(self.dtype))
+            if self._device is not None:
+                self._sum = self._sum.to(self._device)
+        self.n_tokens = partial.n_tokens
+
+    def all_reduce(self, workers: Workers) -> None:
+        """Sum ``Σ k kᵀ`` and the token count over data-parallel processes (in place)."""
+        if not workers.parallel:
+            return
+        if self._sum is None:  # this process got no batch: it contributes zeros
+            self._sum = torch.zeros(self.dim, self.dim, dtype=stats_dtype(self.dtype),
+                                    device=self._device)
+        workers.sum_(self._sum)
+        self.n_tokens = workers.sum_int(self.n_tokens)
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -243,12 +271,20 @@ def compute_second_moment(
     batch_size: int = 64,
     max_length: int | None = None,
     progress: bool = True,
+    workers: Workers = SINGLE,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 25,
 ) -> SecondMoment:
     """``C`` at ``layer`` over the first ``n_samples`` documents of ``corpus``.
 
     Documents are truncated to ``max_length`` tokens (default: the context length, as in the
     reference), batched right-padded, and every non-padding position's key is accumulated.
     The forward pass stops right after ``W_out`` of ``layer``: later layers never run.
+    With several data-parallel ``workers`` each takes every N-th batch and the sums are
+    all-reduced, so every process returns the same ``C`` as one process would (up to the
+    order of float additions).  With a ``checkpoint`` path the running sum is saved there
+    (atomically) every ``checkpoint_every`` batches and a killed pass resumes from it
+    (:mod:`rome_edit.stats.checkpoint`); the file is removed when the pass completes.
     """
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples ({n_samples}) and batch_size ({batch_size}) must be >= 1.")
@@ -262,13 +298,22 @@ def compute_second_moment(
     max_length = max_length or context_length(lm)
     accumulator = SecondMomentAccumulator(d_mlp, dtype)
     documents = itertools.islice(tokenize_documents(corpus, tokenizer, max_length), n_samples)
-    n_documents = 0
+    identity = PassIdentity(
+        f"{model_fingerprint(lm.identity)}|{layer}|{corpus.corpus_id}|{dtype}|{n_samples}|"
+        f"{max_length}", batch_size, workers.rank, workers.world_size)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    resumed = load_checkpoint(checkpoint, identity) if checkpoint else PartialSum(None, 0, 0, 0)
+    accumulator.restore(resumed)
+    n_documents = resumed.n_documents
     log.info("second moment of %s at %s over %s (up to %d documents, %s)", lm.identity, name,
              corpus.corpus_id, n_samples, dtype)
     with capture(lm.model, [name], inputs=True, outputs=False, stop_after=name) as record, \
             tqdm(total=n_samples, unit="doc", desc=f"C at layer {layer}",
-                 disable=not progress) as bar:
-        for batch in _batches(documents, batch_size):
+                 disable=not progress or not workers.is_main) as bar:
+        for index, batch in enumerate(_batches(documents, batch_size)):
+            if not workers.owns(index) or index < resumed.next_batch:
+                bar.update(len(batch))  # another process's batch, or already in the sum
+                continue
             ids, mask = right_pad(batch, pad, lm.device)
             run_until(lm.model, input_ids=ids, attention_mask=mask)
             keys = record.inputs.pop(name, None)
@@ -278,4 +323,12 @@ def compute_second_moment(
             accumulator.update(keys[mask.to(keys.device).bool()])
             n_documents += len(batch)
             bar.update(len(batch))
-    return accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents)
+            if checkpoint and (index // workers.world_size + 1) % checkpoint_every == 0:
+                save_checkpoint(checkpoint, identity,
+                                accumulator.snapshot(n_documents, index + 1))
+    accumulator.all_reduce(workers)
+    n_documents = workers.sum_int(n_documents)
+    result = accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return result
