@@ -68,7 +68,9 @@ def run_demo(out_dir: str | Path, quick: bool = False, model: str | None = None,
     seconds["total"] = time.perf_counter() - t0
 
     report = build_report(lm, names, located, sweep, analysis, seconds, quick)
-    report["plots"] = {"trace": [str(p) for p in trace_plots], "analysis": analysis["plots"]}
+    # paths relative to ``out``, so the report stays valid wherever the folder is moved
+    report["plots"] = {"trace": [str(Path(p).relative_to(out)) for p in trace_plots],
+                       "analysis": [f"analysis/{p}" for p in analysis["plots"]]}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(render_markdown(report, analysis, out))
     return report
@@ -116,7 +118,7 @@ def render_markdown(report: dict, analysis: dict, out: Path) -> str:
         f"effect at the last subject token {r['trace']['mlp_effect_at_last_subject_token']:.3f}).",
         "",
     ]
-    lines += [f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in r["plots"]["trace"]]
+    lines += [f"![{Path(p).stem}]({p})" for p in r["plots"]["trace"]]
     s = r["sweep"]
     lines += [
         "", "## 2. Flip every name's gender (ROME)", "",
@@ -154,8 +156,7 @@ def render_markdown(report: dict, analysis: dict, out: Path) -> str:
         lines.append(f"| {row['direction']} | {row['cosine_with_box']:.3f} | "
                      f"{_pct(at.get('flip_f_to_m'))} | {_pct(at.get('flip_m_to_f'))} | "
                      f"{_pct(row.get('probe_accuracy_after_erasure'))} |")
-    lines += [""] + [f"![{Path(p).stem}]({Path(p).relative_to(out)})"
-                     for p in r["plots"]["analysis"]]
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]["analysis"]]
     lines += ["", f"Total time {r['seconds']['total']:.0f} s "
               + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items() if k != "total"), ""]
     return "\n".join(lines)

@@ -127,14 +127,14 @@ def analyze(
                    "class_counts": list(ds.class_counts)},
         "classifier": clf.to_json(),
         "vector": {"norm": float(gv.vector.norm()), "raw_norm": gv.raw_norm,
-                   "scale_mode": gv.scale_mode, "scale": gv.scale, "file": str(vector_path)},
+                   "scale_mode": gv.scale_mode, "scale": gv.scale, "file": vector_path.name},
         "cosines": cosines.to_json(), "erasure": [r.to_json() for r in erasure],
     }
     if lm is not None and heldout:
         result.update(_apply_to_heldout(lm, ds, dirs, gv.vector, heldout, context_templates,
                                         inverse, settings, table, out, plots))
     result["directions"] = table
-    result["plots"] = [str(p) for p in plots]
+    result["plots"] = [Path(p).name for p in plots]  # relative to out_dir: the report moves
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 

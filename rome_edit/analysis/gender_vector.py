@@ -187,7 +187,8 @@ def load_gender_vector(path: str | Path, *, expected_width: int | None = None) -
                                 f"{FILE_FORMAT!r}; re-create it with `rome-edit analyze`.")
     if tensor.ndim != 1 or not tensor.is_floating_point():
         raise GenderVectorError(f"{path}: the vector must be a 1-D float tensor, got shape "
-                                f"{tuple(tensor.shape)} of dtype {tensor.dtype}.")
+                                f"{tuple(tensor.shape)} of dtype {tensor.dtype}; re-create it "
+                                "with `rome-edit analyze` (or save a 1-D float tensor).")
     if not bool(torch.isfinite(tensor).all()):
         raise GenderVectorError(f"{path}: the vector contains NaN or inf; recompute it.")
     if expected_width is not None and tensor.numel() != expected_width:

@@ -90,7 +90,11 @@ def run_edit(args: argparse.Namespace) -> int:
 def run_sweep_cmd(args: argparse.Namespace) -> int:
     names = load_names(args.names, None if args.names else "edit")
     if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit {args.limit} leaves no names; give a positive number.")
         names = names[: args.limit]
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     neighbours = load_names(args.names) if args.names else load_names()
     with data_parallel() as workers:
         lm, hp, templates, inverse = _setup(args, workers)

@@ -52,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # transformers' per-tensor "Loading weights" bar is noise next to rome-edit's own output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if launched_in_parallel() and args.command not in PARALLEL_COMMANDS:
             raise UserError(f"'{args.command}' runs in one process; launch only "

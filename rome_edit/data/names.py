@@ -37,8 +37,18 @@ def bundled_names_path() -> Path:
 def parse_names(text: str, source: str = "<names>") -> list[NameEntry]:
     """Parse CSV text with at least ``name`` and ``gender`` columns (``split`` optional).
 
-    Rejects duplicates, empty names and gender labels other than female/male, naming the line.
+    Rejects duplicates, empty names or lines and gender labels other than female/male, naming
+    the line.
     """
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # blank lines at the very end are just how the file was saved
+    for line_no, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            # csv silently skips blank rows; a gap inside the table usually means a row was
+            # deleted or pasted wrongly, so it is reported rather than guessed around.
+            raise NamesFileError(f"{source}:{line_no}: empty line; delete it (one 'name,gender' "
+                                 "row per line, no gaps).")
     reader = csv.DictReader(io.StringIO(text))
     fields = [f.strip().lower() for f in reader.fieldnames or []]
     if "name" not in fields or "gender" not in fields:
@@ -52,7 +62,8 @@ def parse_names(text: str, source: str = "<names>") -> list[NameEntry]:
         row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
         name, gender = row.get("name", ""), row.get("gender", "").lower()
         if not name and not gender:
-            continue  # a blank line is harmless
+            raise NamesFileError(f"{source}:{line_no}: row with neither name nor gender; "
+                                 "delete it.")
         if not name:
             raise NamesFileError(f"{source}:{line_no}: empty name; remove the line or fill it in.")
         if gender not in GENDERS:
