@@ -12,6 +12,7 @@ what sizes GPT-J-6B runs (docs/scaling.md); this script is how it was checked.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 
 import torch
@@ -29,6 +30,15 @@ CONTEXT = ["{}"] + [("The city was quiet and the rain fell " * 2)[: 20 + 3 * i] 
                     for i in range(20)]
 
 
+def _map_large_allocations() -> None:
+    """Make glibc hand every allocation above 128 KiB back to the OS when freed (mmap), so the
+    resident set follows live tensors instead of what the heap happened to keep."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass  # not glibc: the peak still bounds the live tensors, less tightly
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -38,6 +48,7 @@ def _status(field: str) -> int:
 
 
 def measure(width: int, layers: int, chunk: int, vocab: int) -> dict:
+    _map_large_allocations()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())

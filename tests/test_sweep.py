@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import rome_edit.editing.sweep as sweep_mod
-from rome_edit.data.names import NameEntry
+from rome_edit.data.names import NameEntry, load_names
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.sweep import run_sweep
 
@@ -84,7 +84,7 @@ def test_sweep_survives_sigkill(tiny_gptj, tmp_path):
     (tmp_path / "hp.json").write_text(json.dumps({
         "layers": [1], "v_loss_layer": 3, "v_num_grad_steps": 4, "mom2_adjustment": False}))
     (tmp_path / "ctx.json").write_text(json.dumps(CTX))
-    names = [n for n in __import__("rome_edit.data.names", fromlist=["x"]).load_names()[:24]]
+    names = load_names()[:48]
     (tmp_path / "names.csv").write_text(
         "name,gender\n" + "".join(f"{e.name},{e.gender}\n" for e in names))
     argv = [sys.executable, "-m", "rome_edit", "sweep", "--model", str(model_dir), "--names",
@@ -111,6 +111,7 @@ def test_sweep_survives_sigkill(tiny_gptj, tmp_path):
     done = subprocess.run([*argv, "--out", str(tmp_path / "killed")], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    print(f"sweep SIGKILL test: {kills} kills of 4 runs")
     assert kills >= 1
     rows = [json.loads(x) for x in
             (tmp_path / "killed" / "records.jsonl").read_text().splitlines() if x]

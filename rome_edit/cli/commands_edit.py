@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--names", default=None, help="CSV with name,gender columns "
                        "(default: the bundled recorded-edit names)")
     sweep.add_argument("--limit", type=int, default=None, help="only the first N names")
-    sweep.add_argument("--batch-size", type=int, default=64)
+    sweep.add_argument("--batch-size", type=int, default=64,
+                       help="names per batch: one shard, one optimisation chunk (default 64; "
+                            "GPT-J-6B in float16 on a 24 GB GPU: 4, see docs/scaling.md)")
     _editing_args(sweep)
     sweep.set_defaults(func=run_sweep_cmd)
 

@@ -13,7 +13,12 @@ from contextlib import contextmanager
 import torch
 
 from rome_edit.editing.record import EditRecord
-from rome_edit.models.architectures import check_editable, check_layer, out_proj_weight
+from rome_edit.models.architectures import (
+    check_editable,
+    check_layer,
+    edit_device,
+    out_proj_weight,
+)
 from rome_edit.models.hooks import edit_from_input
 from rome_edit.models.loading import LoadedModel
 
@@ -91,8 +96,9 @@ def row_edits(lm: LoadedModel, layer: int, u_rows: torch.Tensor,
     projection's output at every position of row ``r`` is that edit's forward function; many
     edits are evaluated in one batch with no weight written (exact up to float rounding).
     """
-    u_dev = u_rows.float().to(lm.device)
-    lam_dev = lam_rows.float().to(lm.device)
+    dev = edit_device(lm.model, lm.arch, layer)  # where that layer's keys are computed
+    u_dev = u_rows.float().to(dev)
+    lam_dev = lam_rows.float().to(dev)
 
     def add(keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         coeff = (keys.float() * u_dev[:, None, :]).sum(-1)
