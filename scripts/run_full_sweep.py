@@ -40,7 +40,10 @@ def main() -> None:
     analysis = analyze(args.out, args.out / "analysis", lm,
                        [e for e in names if e.split == "heldout"], templates, inverse)
     print(json.dumps({k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase",
-                                              "specificity", "seconds_per_edit")}, indent=1))
+                                              "specificity", "specificity_same_last_token",
+                                              "specificity_random", "city_kept",
+                                              "fluency_before", "fluency_after",
+                                              "seconds_per_edit")}, indent=1))
     print(json.dumps({"classifier": analysis["classifier"]["test_accuracy"],
                       "vector": analysis["vector_weights"]}, indent=1))
 

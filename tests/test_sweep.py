@@ -54,6 +54,10 @@ def test_sweep_resumes_after_interruption(tiny_gptj, tmp_path, monkeypatch):
                 "seconds_per_edit"):
         assert key in summary
     assert {"subject", "gender", "target"} <= set(rows[0])
+    # fluency is sampled: the first 2 names of each batch of 2, i.e. every name here
+    assert all(r["generation_after"] and r["fluency_after"] > 0 for r in rows)
+    assert summary["fluency_after"] == pytest.approx(
+        sum(r["fluency_after"] for r in rows) / len(rows))
     assert all(r["target"] == (" Male" if r["gender"] == "female" else " Female") for r in rows)
 
 

@@ -19,6 +19,7 @@ from rome_edit.editing.session import context_templates_for, default_hparams, in
 from rome_edit.editing.sweep import run_sweep
 from rome_edit.models.knowledge import gender_accuracy
 from rome_edit.models.loading import load_model
+from rome_edit.models.subject import fill
 from rome_edit.tracing.average import balanced_names, locate
 from rome_edit.tracing.plots import plot_average
 
@@ -68,6 +69,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, model: str | None = None,
     seconds["total"] = time.perf_counter() - t0
 
     report = build_report(lm, names, located, sweep, analysis, seconds, quick)
+    report["generations"] = _example_generations(out / "sweep", sweep["prompt"])
     # paths relative to ``out``, so the report stays valid wherever the folder is moved
     report["plots"] = {"trace": [str(Path(p).relative_to(out)) for p in trace_plots],
                        "analysis": [f"analysis/{p}" for p in analysis["plots"]]}
@@ -84,9 +86,10 @@ def build_report(lm, names, located, sweep, analysis, seconds, quick) -> dict:
         "trace": {"recommended_layer": located.recommended_layer,
                   "mlp_effect_at_last_subject_token": located.recommended_effect,
                   "n_cases": located.n_cases, "n_skipped": located.n_skipped},
-        "sweep": {k: sweep[k] for k in ("n_edits", "layer", "efficacy", "paraphrase",
-                                        "specificity", "city_kept", "seconds_per_edit",
-                                        "mean_delta_norm")},
+        "sweep": {k: sweep.get(k) for k in ("n_edits", "layer", "efficacy", "paraphrase",
+                                            "specificity", "city_kept", "fluency_before",
+                                            "fluency_after", "seconds_per_edit",
+                                            "mean_delta_norm")},
         "classifier": {k: analysis["classifier"][k] for k in ("test_accuracy",
                                                               "shuffled_test_accuracy")},
         "vector": {"norm": analysis["vector"]["norm"], "raw_norm": analysis["vector"]["raw_norm"],
@@ -104,6 +107,29 @@ def build_report(lm, names, located, sweep, analysis, seconds, quick) -> dict:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _fluency_lines(sweep: dict, examples: list[dict]) -> list[str]:
+    if sweep.get("fluency_after") is None:
+        return []
+    lines = [f"Fluency (n-gram entropy of 30-token greedy generations, sampled names): "
+             f"{sweep['fluency_before']:.2f} bits before, {sweep['fluency_after']:.2f} after.",
+             "", "```"]
+    for ex in examples:
+        lines += [f"[before] {ex['prompt']}{ex['before']}", f"[after]  {ex['prompt']}{ex['after']}"]
+    return [*lines, "```", ""]
+
+
+def _example_generations(sweep_dir: Path, prompt: str, n: int = 3) -> list[dict]:
+    """Before/after generations of the first ``n`` sampled names, as in the source document."""
+    examples = []
+    for line in (sweep_dir / "records.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("generation_after") is not None and len(examples) < n:
+            examples.append({"prompt": fill(prompt, row["subject"]),
+                             "before": row["generation_before"],
+                             "after": row["generation_after"]})
+    return examples
 
 
 def render_markdown(report: dict, analysis: dict, out: Path) -> str:
@@ -126,6 +152,7 @@ def render_markdown(report: dict, analysis: dict, out: Path) -> str:
         f"paraphrase {_pct(s['paraphrase'])}, specificity {_pct(s['specificity'])}, city kept "
         f"{_pct(s['city_kept'])}; {s['seconds_per_edit']:.3f} s per edit; mean ‖δ‖ "
         f"{s['mean_delta_norm']:.1f}.", "",
+        *_fluency_lines(s, r.get("generations", [])),
         "## 3. A linear classifier on the deltas", "",
         f"Test accuracy {_pct(r['classifier']['test_accuracy'])} (shuffled labels "
         f"{_pct(r['classifier']['shuffled_test_accuracy'])}).", "",

@@ -105,7 +105,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     if not workers.is_main:
         return 0
     shown = {k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase", "specificity",
-                                     "city_kept", "seconds", "seconds_per_edit")}
+                                     "city_kept", "fluency_before", "fluency_after",
+                                     "seconds", "seconds_per_edit")}
     print(json.dumps(shown, indent=1))
     print(f"wrote {args.out}/deltas.safetensors, records.jsonl, summary.json")
     return 0

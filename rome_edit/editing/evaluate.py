@@ -183,10 +183,12 @@ def _mean(values: Sequence[bool]) -> float | None:
 
 
 def summarize(scores: Sequence[NameEditScore | dict]) -> dict[str, float | None]:
-    """Mean of each metric (success rates; ``mean_p_*`` are probabilities), skipping ``None``."""
+    """Mean of each metric (success rates; ``mean_p_*`` are probabilities; ``fluency_*`` are
+    n-gram entropies in bits, over the rows that have them), skipping ``None``."""
     rows = [s if isinstance(s, dict) else s.to_dict() for s in scores]
     keys = ("efficacy", "paraphrase", "specificity", "specificity_same_last_token",
-            "specificity_random", "city_kept", "p_new_before", "p_new_after")
+            "specificity_random", "city_kept", "p_new_before", "p_new_after",
+            "fluency_before", "fluency_after")
     out = {k: _mean_of([None if r.get(k) is None else float(r[k]) for r in rows]) for k in keys}
     out["mean_p_new_before"] = out.pop("p_new_before")
     out["mean_p_new_after"] = out.pop("p_new_after")
@@ -223,14 +225,10 @@ def generations(lm: LoadedModel, record: EditRecord, prompt: str | None = None,
     return {"prompt": text, "before": before, "after": after}
 
 
-def fluency(lm: LoadedModel, records: Sequence[EditRecord], max_new_tokens: int = 30
-            ) -> dict[str, float]:
-    """n-gram entropy of generations before and after each edit (small samples suffice)."""
-    before, after = [], []
-    for r in records:
-        g = generations(lm, r, max_new_tokens=max_new_tokens)
-        before.append(g["prompt"] + g["before"])
-        after.append(g["prompt"] + g["after"])
-    return {"before": ngram_entropy(before), "after": ngram_entropy(after)}
-
-
+def edit_fluency(lm: LoadedModel, record: EditRecord, max_new_tokens: int = 30) -> dict:
+    """Greedy generations of the edit prompt before/after ``record`` (the source document's
+    ``Name: Ani. Gender: …``) and their n-gram entropy in bits (ROME's fluency)."""
+    g = generations(lm, record, max_new_tokens=max_new_tokens)
+    return {"generation_before": g["before"], "generation_after": g["after"],
+            "fluency_before": ngram_entropy([g["prompt"] + g["before"]]),
+            "fluency_after": ngram_entropy([g["prompt"] + g["after"]])}

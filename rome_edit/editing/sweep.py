@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
 from rome_edit.data.names import NameEntry
 from rome_edit.distributed import SINGLE, Workers
-from rome_edit.editing.evaluate import evaluate_edits, summarize
+from rome_edit.editing.evaluate import edit_fluency, evaluate_edits, summarize
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.record import TENSOR_NAMES
 from rome_edit.editing.request import EditRequest
@@ -39,6 +39,7 @@ from rome_edit.models.loading import LoadedModel
 from rome_edit.storage import atomic_save_tensors, atomic_write_text
 
 log = logging.getLogger(__name__)
+FLUENCY_TOKENS = 30
 
 
 def _manifest(lm: LoadedModel, hp: ROMEHyperParams, templates: Sequence[str],
@@ -83,6 +84,7 @@ def run_sweep(
     prompt: str = EDIT_PROMPT,
     progress: bool = True,
     workers: Workers = SINGLE,
+    fluency_per_batch: int = 2,
 ) -> dict:
     """Edit every name to the other gender, record ``delta = v* − v_orig``; resumable.
 
@@ -90,7 +92,9 @@ def run_sweep(
     ``b·batch_size ..``), and batch ``b`` is stored as shard ``b``: a resumed run redoes exactly
     the batches that have no shard, with the same companions, so its deltas are bit-identical
     to an uninterrupted run's.  Data-parallel ``workers`` take every N-th batch; the main
-    process merges.  Returns the summary (also written to ``summary.json``).
+    process merges.  The first ``fluency_per_batch`` names of each batch also get greedy
+    generations before/after their edit and their n-gram entropy (fluency; generating costs
+    more than scoring, so it is sampled).  Returns the summary (also in ``summary.json``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -119,6 +123,8 @@ def run_sweep(
         records = compute_edits(lm, requests, hp, context_templates, inverse,
                                 chunk_size=batch_size, progress=False)
         scores = evaluate_edits(lm, records, neighbour_names, progress=False)
+        texts = [edit_fluency(lm, r, FLUENCY_TOKENS) for r in records[:fluency_per_batch]]
+        texts += [{}] * (len(records) - len(texts))
         seconds = time.perf_counter() - t0
         stem = _shard(shard_dir, b)
         atomic_save_tensors({n: torch.stack([getattr(r, n).float() for r in records])
@@ -128,8 +134,9 @@ def run_sweep(
                              "v_orig_norm": float(r.v_orig.norm()), "n_steps": len(r.losses),
                              "final_loss": r.losses[-1], "seconds": seconds / len(batch),
                              **{k: v for k, v in s.to_dict().items() if k not in ("subject",
-                                                                                   "gender")}})
-                 for e, r, s in zip(batch, records, scores)]
+                                                                                   "gender")},
+                             **text})
+                 for e, r, s, text in zip(batch, records, scores, texts)]
         # The JSONL is written last: a shard counts only once it exists.
         atomic_write_text(stem.with_suffix(".jsonl"), "\n".join(lines) + "\n")
         bar.update(len(batch))
