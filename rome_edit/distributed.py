@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,11 +48,8 @@ class Workers:
     def parallel(self) -> bool:
         return self.world_size > 1
 
-    def mine(self, items: Sequence[T]) -> list[T]:
-        """Every ``world_size``-th item, starting at ``rank`` (round-robin keeps loads even)."""
-        return list(items[self.rank :: self.world_size])
-
     def owns(self, index: int) -> bool:
+        """Round-robin: this process takes items ``rank, rank + N, …`` (keeps loads even)."""
         return index % self.world_size == self.rank
 
     def barrier(self) -> None:

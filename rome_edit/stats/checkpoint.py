@@ -29,7 +29,7 @@ FORMAT = "rome-edit/second-moment-checkpoint/v1"
 class PassIdentity:
     """What a partial sum belongs to; a checkpoint of any other pass is not resumed."""
 
-    request: str  # the cache key's file name (model, layer, corpus, dtype, n_samples, length)
+    request: str  # model fingerprint, layer, corpus id, dtype, n_samples, max_length
     batch_size: int
     rank: int
     world_size: int

@@ -31,6 +31,7 @@ from rome_edit.models.hooks import capture, run_until
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id, right_pad
 from rome_edit.stats.checkpoint import (
+    EMPTY,
     PartialSum,
     PassIdentity,
     load_checkpoint,
@@ -286,8 +287,9 @@ def compute_second_moment(
     (atomically) every ``checkpoint_every`` batches and a killed pass resumes from it
     (:mod:`rome_edit.stats.checkpoint`); the file is removed when the pass completes.
     """
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples ({n_samples}) and batch_size ({batch_size}) must be >= 1.")
+    if min(n_samples, batch_size, checkpoint_every) < 1:
+        raise ValueError(f"n_samples ({n_samples}), batch_size ({batch_size}) and "
+                         f"checkpoint_every ({checkpoint_every}) must be >= 1.")
     stats_dtype(dtype)
     check_layer(lm.model, lm.arch, layer)
     corpus = corpus if corpus is not None else bundled_corpus()
@@ -302,7 +304,7 @@ def compute_second_moment(
         f"{model_fingerprint(lm.identity)}|{layer}|{corpus.corpus_id}|{dtype}|{n_samples}|"
         f"{max_length}", batch_size, workers.rank, workers.world_size)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    resumed = load_checkpoint(checkpoint, identity) if checkpoint else PartialSum(None, 0, 0, 0)
+    resumed = load_checkpoint(checkpoint, identity) if checkpoint else EMPTY
     accumulator.restore(resumed)
     n_documents = resumed.n_documents
     log.info("second moment of %s at %s over %s (up to %d documents, %s)", lm.identity, name,
