@@ -334,3 +334,18 @@ def test_cli_writes_a_loadable_file(tmp_path, tokenizer, corpus_file, capsys):
     assert "layer 9 is out of range" in capsys.readouterr().err and not bad.exists()
     assert main([*argv[:8], str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_accumulates_in_float32(tokenizer, corpus_file, dtype):
+    """Keys of a half-precision model are summed in float32; C is close to the float32 model's."""
+    from rome_edit.models.loading import wrap_model
+
+    lm32 = make_tiny("gptj", tokenizer)
+    lm16 = wrap_model(make_tiny("gptj", tokenizer).model.to(dtype), tokenizer, "tiny-half")
+    corpus = resolve_corpus(str(corpus_file))
+    c32 = compute_second_moment(lm32, 1, corpus, progress=False)
+    c16 = compute_second_moment(lm16, 1, corpus, progress=False)
+    assert c16.matrix.dtype == torch.float32 and c16.dtype == "float32"
+    assert c16.n_tokens == c32.n_tokens
+    assert ((c16.matrix - c32.matrix).norm() / c32.matrix.norm()).item() < 0.05
