@@ -90,10 +90,12 @@ def launched_in_parallel() -> bool:
 
 
 @contextmanager
-def data_parallel(timeout_minutes: float = 120.0) -> Iterator[Workers]:
+def data_parallel(timeout_minutes: float = 24 * 60.0) -> Iterator[Workers]:
     """Join the launcher's process group for the body (CPU → gloo, CUDA → nccl); always leave it.
 
-    Yields :data:`SINGLE` when the process was not launched as one of several.
+    Yields :data:`SINGLE` when the process was not launched as one of several.  The timeout
+    bounds how long a process waits at a barrier for the others: a resumed GPT-J sweep can
+    leave one process hours more work than another, so it is a day, not torch's 30 minutes.
     """
     if not launched_in_parallel():
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
