@@ -131,8 +131,8 @@ def files(tmp_path_factory, tokenizer):
 
     lm = load_model()
     eye = torch.eye(1024) * 0.1
-    SecondMoment(eye, make_tiny("gptj", tokenizer).identity.replace("tiny-gptj", "tiny-gptj"),
-                 1, "c", 1, 1, "float32").save(d / "stats-tiny.safetensors")
+    SecondMoment(eye, make_tiny("gptj", tokenizer).identity, 1, "c", 1, 1, "float32").save(
+        d / "stats-tiny.safetensors")
     SecondMoment(eye, lm.identity, 2, "c", 1, 1, "float32").save(d / "stats-layer2.safetensors")
     SecondMoment(torch.eye(8), lm.identity, 1, "c", 1, 1, "float32").save(
         d / "stats-narrow.safetensors")

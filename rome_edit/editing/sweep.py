@@ -142,10 +142,9 @@ def run_sweep(
         bar.update(len(batch))
     bar.close()
     workers.barrier()
-    if workers.is_main:
-        merge_sweep(out, wall_seconds=time.perf_counter() - t_start)
+    summary = merge_sweep(out, time.perf_counter() - t_start) if workers.is_main else None
     workers.barrier()
-    return json.loads((out / "summary.json").read_text())
+    return summary if summary is not None else json.loads((out / "summary.json").read_text())
 
 
 def _shard(shard_dir: Path, batch: int) -> Path:

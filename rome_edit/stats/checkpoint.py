@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from rome_edit.storage import atomic_save_tensors
 
@@ -64,13 +63,14 @@ def load_checkpoint(path: Path, identity: PassIdentity) -> PartialSum:
     if not path.exists():
         return EMPTY
     try:
-        with safe_open(path, "pt") as handle:
+        with safe_open(path, "pt") as handle:  # one open: header first, the sum only if ours
             metadata = handle.metadata() or {}
-        total = load_file(path)["sum"]
-        same = metadata.get("format") == FORMAT and all(
-            metadata.get(k) == v for k, v in identity.metadata().items())
-        partial = PartialSum(total, int(metadata["n_tokens"]), int(metadata["n_documents"]),
-                             int(metadata["next_batch"]))
+            same = metadata.get("format") == FORMAT and all(
+                metadata.get(k) == v for k, v in identity.metadata().items())
+            total = handle.get_tensor("sum") if same else None
+        if same:
+            partial = PartialSum(total, int(metadata["n_tokens"]),
+                                 int(metadata["n_documents"]), int(metadata["next_batch"]))
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         log.warning("ignoring unreadable statistics checkpoint %s (%s); starting over", path, err)
         return EMPTY
