@@ -60,6 +60,7 @@ def main() -> None:
         "batched_seconds_per_edit": t_fast / len(requests),
         "speedup": t_plain / t_fast,
         "max_relative_delta_difference": max(rel),
+        "median_relative_delta_difference": sorted(rel)[len(rel) // 2],
         "plain_efficacy": summarize(evaluate_edits(lm, plain, load_names(), progress=False))[
             "efficacy"],
         "batched_efficacy": summarize(evaluate_edits(lm, fast, load_names(), progress=False))[

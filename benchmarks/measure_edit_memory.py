@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.memory import estimate_edit_memory
+from rome_edit.editing.prefix_pass import PromptBatch
 from rome_edit.editing.request import EditRequest, rewriting_layouts
 from rome_edit.editing.rome import compute_edits
 from rome_edit.models.loading import bundled_model_path, wrap_model
@@ -60,10 +61,10 @@ def measure(width: int, layers: int, chunk: int, vocab: int) -> dict:
     hp = ROMEHyperParams(layers=(1,), v_loss_layer=layers - 1, v_num_grad_steps=3,
                          mom2_adjustment=False)
     compute_edits(lm, requests[:1], hp, CONTEXT[:2], progress=False)  # warm-up allocations
-    rows = [row for r in requests for layouts, kl in [rewriting_layouts(tokenizer, r, CONTEXT)]
-            for row in [*layouts, kl]]
-    prefix = max(r.lookup for r in rows)
-    suffix = max(len(r.ids) - r.lookup for r in rows)
+    layout = PromptBatch(lm, [[*layouts, kl] for r in requests
+                              for layouts, kl in [rewriting_layouts(tokenizer, r, CONTEXT)]],
+                         torch.device("cpu"))
+    prefix, own, suffix = layout.P, layout.O, layout.S
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM to the current RSS
@@ -71,10 +72,10 @@ def measure(width: int, layers: int, chunk: int, vocab: int) -> dict:
     measured = _status("VmHWM") - base
     est = estimate_edit_memory(lm.model, "float32", layer=1, chunk_size=chunk,
                                n_prompts=len(CONTEXT) + 1, prefix_tokens=prefix,
-                               suffix_tokens=suffix)
+                               own_tokens=own, suffix_tokens=suffix)
     estimate = est.prefix_cache + est.step_activations + est.logits
     return {"width": width, "layers": layers, "chunk": chunk, "vocab": vocab,
-            "prefix_tokens": prefix, "suffix_tokens": suffix,
+            "prefix_tokens": prefix, "own_tokens": own, "suffix_tokens": suffix,
             "measured_mib": measured / 2**20, "estimate_mib": estimate / 2**20,
             "estimate_over_measured": estimate / measured}
 

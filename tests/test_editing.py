@@ -8,7 +8,7 @@ import torch
 from rome_edit.editing.apply import applied, apply_records
 from rome_edit.editing.context import compose, load_context_templates, sample_context_templates
 from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.key import keys_and_values
+from rome_edit.editing.key import key_star, keys_and_values
 from rome_edit.editing.record import EditRecord
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import SecondMomentInverse, compute_edits, edit_sequentially
@@ -51,6 +51,9 @@ def test_batched_equals_one_at_a_time(tokenizer, family):
         assert (f.v_init - ref.v_init).norm() / ref.v_init.norm() < 1e-5
         rel = (f.delta - ref.delta).norm() / ref.delta.norm()
         assert rel < 1e-5, rel
+        # k* read from the δ = 0 pass equals the key computed on its own
+        k_star = key_star(lm, 1, req.prompt, req.subject, CTX)
+        assert (f.k_star - k_star).norm() / k_star.norm() < 1e-5
 
 
 def test_early_stop_and_clamp(tiny_gptj):

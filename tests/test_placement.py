@@ -67,9 +67,12 @@ def test_edits_on_a_dispatched_model_equal_the_whole_model(whole, split, engine)
     a = compute_edits(whole, REQUESTS, hp(), CTX, engine=engine, progress=False)
     b = compute_edits(split, REQUESTS, hp(), CTX, engine=engine, progress=False)
     assert whole.identity == split.identity
+    # the whole model's batched engine runs the GPT-J suffix kernel, the dispatched one the
+    # generic path: the same arithmetic in another order, so equal to float rounding
+    tol = 1e-6 if engine == "simple" else 1e-5
     for x, y in zip(a, b):
-        torch.testing.assert_close(x.delta, y.delta, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(x.lam, y.lam, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.delta, y.delta, rtol=tol, atol=tol)
+        torch.testing.assert_close(x.lam, y.lam, rtol=tol, atol=tol)
     texts = [EDIT_PROMPT.format(r.subject) for r in REQUESTS]
     before = out_proj_weight(split.model, split.arch, 1).clone()
     with applied(whole, a), applied(split, b):
@@ -79,8 +82,9 @@ def test_edits_on_a_dispatched_model_equal_the_whole_model(whole, split, engine)
     assert torch.equal(out_proj_weight(split.model, split.arch, 1), before)
     # the batched evaluation (each row sees its own edit through a hook at layer 1)
     names = load_names()[:12]
-    assert [s.to_dict() for s in evaluate_edits(whole, a, names, progress=False)] == \
-        [s.to_dict() for s in evaluate_edits(split, b, names, progress=False)]
+    for x, y in zip(evaluate_edits(whole, a, names, progress=False),
+                    evaluate_edits(split, b, names, progress=False)):
+        assert x.to_dict() == pytest.approx(y.to_dict(), rel=1e-5)
 
 
 def test_tracing_on_a_dispatched_model_equals_the_whole_model(whole, split):

@@ -37,7 +37,7 @@ from rome_edit.models.scoring import (
     next_token_logprobs,
     single_token_id,
 )
-from rome_edit.models.subject import fill, locate_subject
+from rome_edit.models.subject import fill, locate_subjects
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class NameEditScore:
 
 def last_tokens(tokenizer, names: Sequence[str]) -> dict[str, int]:
     """Each name's last token in ``"Name: {}. Gender:"``."""
-    spans = [locate_subject(tokenizer, EDIT_PROMPT, n) for n in names]
+    spans = locate_subjects(tokenizer, [EDIT_PROMPT] * len(names), names)
     return {n: sp.input_ids[sp.last] for n, sp in zip(names, spans)}
 
 

@@ -15,7 +15,7 @@ from rome_edit.editing.context import compose
 from rome_edit.models.hooks import capture, run_until
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id, right_pad
-from rome_edit.models.subject import locate_subject
+from rome_edit.models.subject import locate_subjects
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def keys_and_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Key (d_mlp) and value (d_model) at each filled template's subject-last token, float32."""
     name = lm.arch.out_proj.format(layer)
-    spans = [locate_subject(lm.tokenizer, t, s) for t, s in zip(templates, subjects)]
+    spans = locate_subjects(lm.tokenizer, templates, subjects)
     keys, values = [], []
     pad = pad_id(lm.tokenizer)
     for start in range(0, len(spans), batch_size):

@@ -7,11 +7,16 @@ what the batched engine (:mod:`rome_edit.editing.value_batched`) holds at its pe
 * the weights in their dtype;
 * the revert copy: :func:`rome_edit.editing.apply.preserved` clones only the edited ``W_out``
   (``d_model × d_mlp``), never the model;
-* the first forward of a chunk (no grad): the key/value cache of every prompt row at every
-  layer up to ``v_loss_layer`` (the optimisation keeps it as the fixed prefix);
-* each optimisation step: the active rows' copy of that prefix, and what autograd saves in
-  blocks ``L+1 .. v_loss_layer`` for the suffix tokens (block inputs, attention scores over the
-  whole prompt, the MLP's ``d_mlp``-wide activations), plus float32 logits and log-probs.
+* the fixed prefix: the keys and values of blocks ``L+1 .. v_loss_layer`` over the tokens
+  before the subject's last one, the part every request shares once per context template on
+  the GPT-J kernel (:mod:`rome_edit.models.gptj_suffix`), all of it per prompt row otherwise;
+* the larger of the δ = 0 pass (blocks ``0 .. L``'s keys and values over every token) and
+  one optimisation step: what autograd saves in blocks ``L+1 .. v_loss_layer`` for the suffix
+  tokens (block inputs, attention scores over the whole prompt, the MLP's ``d_mlp``-wide
+  activations; the generic path's attention also joins prefix and suffix keys, which the
+  kernel avoids), plus one prefix tensor's copy while the rows of names that stopped early
+  are dropped (a tensor at a time);
+* the logits at the target positions only, the float32 log-probs and their gradient.
 
 The second moment (``d_mlp²`` float32) and its float64 Cholesky factor live in host memory
 (:mod:`rome_edit.stats.inverse`), computed once per layer and cached.  The activation terms are
@@ -27,6 +32,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from rome_edit.models.architectures import detect_architecture, mlp_widths, n_layers
+from rome_edit.models.gptj_suffix import supports_gptj_suffix
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GIB = 1024**3
@@ -75,11 +81,16 @@ def estimate_edit_memory(
     n_prompts: int = 22,
     prefix_tokens: int = 24,
     suffix_tokens: int = 8,
+    target_tokens: int = 1,
+    own_tokens: int = 4,
 ) -> EditMemory:
     """Peak memory of a batched edit of ``chunk_size`` requests with ``n_prompts`` rows each
     (21 context templates + the KL prompt by default); ``prefix_tokens``/``suffix_tokens``
     bound the tokens before/after the subject's last token (GPT-J's reference templates are
-    at most 10 tokens, plus the prompt and the target)."""
+    at most 10 tokens, plus the prompt and the target), ``own_tokens`` those of them that
+    differ between requests (the subject's tokens but its last: a name is 1–4 tokens);
+    ``target_tokens`` is the new target's length in tokens (`` Female`` is one in GPT-J's
+    vocabulary)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}.")
     arch = detect_architecture(model)
@@ -94,20 +105,32 @@ def estimate_edit_memory(
     parameters = sum(p.numel() for p in model.parameters())
     rows = chunk_size * n_prompts
     tokens = prefix_tokens + suffix_tokens
-    # keys and values of every row, every layer up to the loss layer, the whole prompt
-    prefix_cache = rows * (loss_layer + 1) * 2 * tokens * kv_width * size
     trained = loss_layer - layer  # blocks that run with grad
+    # keys and values of the blocks above L over the prefix, kept through the optimisation
+    kernel = supports_gptj_suffix(model, arch)
+    if kernel:  # the tokens every request shares are kept once per template
+        own_tokens = min(own_tokens, prefix_tokens)
+        prefix = trained * 2 * kv_width * size * (
+            rows * own_tokens + n_prompts * (prefix_tokens - own_tokens))
+    else:
+        prefix = rows * trained * 2 * prefix_tokens * kv_width * size
+    prefix_cache = prefix
     per_token_block = (
         8 * d_model            # norms, residual adds, q/k/v/out projections' inputs
         + 3 * d_mlp            # fc_in output, activation input and output
     ) * size
     per_block = rows * (suffix_tokens * per_token_block
-                        + 2 * heads * suffix_tokens * tokens * size     # scores and softmax
-                        + 2 * 2 * tokens * kv_width * size)             # prefix ⧺ suffix k/v
-    step_activations = trained * per_block + rows * (loss_layer + 1) * 2 * prefix_tokens \
-        * kv_width * size  # the active rows' copy of the prefix
-    # logits, float32 log-probs, the gathered target rows, and the gradients of each
-    logits = 6 * rows * suffix_tokens * vocab * 4
+                        + 2 * heads * suffix_tokens * tokens * size)    # scores and softmax
+    if not kernel:  # the model's own attention joins the keys
+        per_block += rows * 2 * 2 * tokens * kv_width * size            # prefix ⧺ suffix k/v
+    # when names leave, the prefix is compacted one key or value tensor at a time
+    step = trained * per_block + (prefix // (2 * trained) if trained else 0)
+    # the δ = 0 pass holds blocks 0 .. L's keys and values over every token instead, earlier
+    first_pass = rows * (layer + 1) * 2 * tokens * kv_width * size
+    step_activations = max(step, first_pass)
+    # logits at the read columns (model dtype), the float32 log-probs kept for the backward,
+    # and their gradient
+    logits = rows * target_tokens * vocab * (size + 4 + 4)
     return EditMemory(
         parameters=parameters, weights=parameters * size, revert_copy=d_model * d_mlp * size,
         prefix_cache=prefix_cache, step_activations=step_activations, logits=logits,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rome_edit.editing.context import compose, escape_braces
-from rome_edit.models.subject import locate_subject, split_template
+from rome_edit.models.subject import locate_subjects, split_template
 
 KL_PROMPT = "{} is a"  # the reference's single essence/KL prompt
 
@@ -63,10 +63,8 @@ def rewriting_layouts(
     """The rewriting prompts (one per context template) and the KL prompt of a request."""
     tgt = target_ids(tokenizer, request.target_new)
     head = escape_braces(tokenizer.decode(tgt[:-1])) if len(tgt) > 1 else ""
-    layouts = []
-    for context in context_templates:
-        template = compose(context, request.prompt) + head
-        span = locate_subject(tokenizer, template, request.subject)
-        layouts.append(PromptLayout(span.input_ids, span.last, tuple(tgt)))
-    kl = locate_subject(tokenizer, KL_PROMPT, request.subject)
+    templates = [compose(context, request.prompt) + head for context in context_templates]
+    *spans, kl = locate_subjects(tokenizer, [*templates, KL_PROMPT],
+                                 [request.subject] * (len(templates) + 1))
+    layouts = [PromptLayout(span.input_ids, span.last, tuple(tgt)) for span in spans]
     return layouts, PromptLayout(kl.input_ids, kl.last)

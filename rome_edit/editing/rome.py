@@ -92,15 +92,17 @@ def compute_edits(
     t0 = time.perf_counter()
     prompts = [r.prompt for r in requests]
     subjects = [r.subject for r in requests]
-    k_star = key_stars(lm, layer, prompts, subjects, context_templates)
-    k_bare, v_bare = keys_and_values(lm, layer, prompts, subjects)
-    t_key = time.perf_counter() - t0
-    if engine == "batched":
-        values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress)
-    elif engine == "simple":
-        values = [optimize_value(lm, r, hp, context_templates) for r in requests]
-    else:
+    if engine not in ("batched", "simple"):
         raise ValueError(f"unknown engine {engine!r}; use 'batched' or 'simple'.")
+    k_bare, v_bare = keys_and_values(lm, layer, prompts, subjects)
+    if engine == "simple":
+        k_star = key_stars(lm, layer, prompts, subjects, context_templates)
+    t_key = time.perf_counter() - t0
+    if engine == "batched":  # k* comes out of the value pass's first forward
+        values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress)
+        k_star = torch.stack([v.k_star for v in values])
+    else:
+        values = [optimize_value(lm, r, hp, context_templates) for r in requests]
     t_value = time.perf_counter() - t0 - t_key
     use_c = hp.mom2_adjustment and inverse is not None
     c_inv_k = inverse.solver.solve(k_star).float().cpu() if use_c else k_star

@@ -38,6 +38,7 @@ class ValueResult:
     delta: torch.Tensor  # (d_model,) the optimised δ = v* − v_init
     losses: tuple[float, ...]  # total loss at each evaluation
     nll: tuple[float, ...]  # its NLL part
+    k_star: torch.Tensor | None = None  # (d_mlp,) k*, where the engine computed it on the way
 
     @property
     def v_star(self) -> torch.Tensor:

@@ -15,7 +15,7 @@ from rome_edit.data.gender_task import ANSWERS, CITY_PROMPT, EDIT_PROMPT, PARAPH
 from rome_edit.data.names import NameEntry
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import choose_between, sequence_logprob
-from rome_edit.models.subject import fill, locate_subject
+from rome_edit.models.subject import fill, locate_subjects
 
 SINGLE_TOKEN_WORDS = (" Male", " Female", " male", " female", " he", " she")
 
@@ -40,7 +40,8 @@ def city_recall(lm: LoadedModel, names: Sequence[NameEntry], seed: int = 0) -> f
 
 def knowledge_report(lm: LoadedModel, names: Sequence[NameEntry]) -> dict:
     """All §5 figures of the foundation issue for ``names``."""
-    n_tokens = [locate_subject(lm.tokenizer, EDIT_PROMPT, e.name) for e in names]
+    n_tokens = locate_subjects(lm.tokenizer, [EDIT_PROMPT] * len(names),
+                               [e.name for e in names])
     multi = sum((s.end - s.start) >= 2 for s in n_tokens) / len(names)
     single = {w: len(lm.tokenizer(w, add_special_tokens=False)["input_ids"]) == 1
               for w in SINGLE_TOKEN_WORDS}

@@ -11,6 +11,7 @@ never mistaken for it.
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -71,22 +72,50 @@ def locate_subject(
     tokenizer: PreTrainedTokenizerBase, template: str, subject: str
 ) -> SubjectSpan:
     """Tokenize ``template`` filled with ``subject`` and return the subject's token span."""
+    return locate_subjects(tokenizer, [template], [subject])[0]
+
+
+def locate_subjects(
+    tokenizer: PreTrainedTokenizerBase, templates: Sequence[str], subjects: Sequence[str]
+) -> list[SubjectSpan]:
+    """:func:`locate_subject` for many prompts, tokenized in one call where the tokenizer is
+    fast (the per-call overhead is most of the cost for short prompts)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [_locate_slow(tokenizer, t, s) for t, s in zip(templates, subjects)]
+    parts = [_filled(t, s) for t, s in zip(templates, subjects)]
+    if not parts:
+        return []
+    enc = tokenizer([prompt for prompt, _, _ in parts], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    spans = []
+    for (prompt, lo, hi), ids, offsets in zip(parts, enc["input_ids"], enc["offset_mapping"]):
+        hits = [i for i, (a, b) in enumerate(offsets) if a < hi and b > lo]
+        spans.append(_span(prompt, ids, hits, prompt[lo:hi]))
+    return spans
+
+
+def _locate_slow(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> SubjectSpan:
+    """Slow tokenizers have no offsets: compare the token counts of the prefix with and
+    without the subject."""
+    prompt, lo, _ = _filled(template, subject)
+    prefix = prompt[:lo]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    before = len(tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"])
+    spaced = prefix.endswith(" ")
+    after = len(tokenizer(prefix.rstrip(" ") + (" " if spaced else "") + subject,
+                          add_special_tokens=False)["input_ids"])
+    return _span(prompt, ids, list(range(before, after)), subject)
+
+
+def _filled(template: str, subject: str) -> tuple[str, int, int]:
+    """The prompt and the subject's character span in it."""
     if not subject or not subject.strip():
         raise SubjectNotFoundError("the subject is empty; give the name or entity to edit.")
     prefix, suffix = split_template(template)
-    prompt = prefix + subject + suffix
-    lo, hi = len(prefix), len(prefix) + len(subject)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        hits = [i for i, (a, b) in enumerate(offsets) if a < hi and b > lo]
-    else:  # slow tokenizers: compare the token counts of the prefix with and without subject
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        before = len(tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"])
-        spaced = prefix.endswith(" ")
-        after = len(tokenizer(prefix.rstrip(" ") + (" " if spaced else "") + subject,
-                              add_special_tokens=False)["input_ids"])
-        hits = list(range(before, after))
+    return prefix + subject + suffix, len(prefix), len(prefix) + len(subject)
+
+
+def _span(prompt: str, ids: Sequence[int], hits: list[int], subject: str) -> SubjectSpan:
     if not hits:
         raise SubjectNotFoundError(
             f"no token of subject {subject!r} found in prompt {prompt!r}; check the subject "

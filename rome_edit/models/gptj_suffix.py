@@ -1,0 +1,278 @@
+"""GPT-J blocks evaluated on a short suffix against a fixed prefix: the batched value step's kernel.
+
+ROME's value optimisation (Meng et al. 2022, Eq. 4) adds δ to the edit layer ``L``'s MLP output
+at the subject's last token and reads logits at the target positions, many times per edit.
+The generic batched engine runs the model's own forward over the suffix (the subject's last
+token onwards) with the prefix as a key/value cache.  For GPT-J's *parallel* blocks
+(``h + attn(ln₁ h) + mlp(ln₁ h)``) more things cannot change with δ or are never read, and
+this module skips them:
+
+* **Block L+1, positions after the subject.**  Their block input is block L's output, which δ
+  does not reach (δ enters *after* block L's attention), so ``ln₁``, the query/key/value
+  projections and the whole MLP there are constants.  Only their attention mixing (they attend
+  to the changed subject position) and the output projection are recomputed.
+* **The loss block, positions nobody reads.**  Logits are read only at the target positions
+  (and at the subject for the KL prompt), so the loss block needs keys and values everywhere
+  but queries, attention output, MLP and residual only there; the final norm and unembedding
+  run only there too.
+* **The KL prompt's later tokens.**  Its logits are read at the subject itself, so
+  :class:`SuffixGroups` runs it over that one column, apart from the rewriting prompts.
+* **Prefix keys.**  Attention scores against the fixed prefix and against the suffix are
+  computed separately and joined before the softmax, so the prefix keys/values are never
+  concatenated with the suffix's (a copy, and a full-size gradient, per block and step).
+  The part of the prefix that all prompts of one context template share is held once per
+  template, and its scores come from one matrix product per template and head over every
+  request's queries, instead of thousands of tiny per-row products.
+
+The arithmetic is GPT-J's own (float32 attention scores, rotary on each head's first
+``rotary_dim`` features, ``1/√head_dim`` scaling, an additive mask) and the modules' own weights
+are used, so nothing is copied.  Tests check the logits against the whole model's forward.
+Used only for an undispatched GPT-J (no accelerate device map); every other case takes the
+generic path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rome_edit.models.architectures import Architecture, get_module
+
+
+def supports_gptj_suffix(model: nn.Module, arch: Architecture) -> bool:
+    """True for a GPT-J on one device without accelerate hooks (what this kernel assumes)."""
+    if arch.family != "gptj" or getattr(model.config, "model_type", None) != "gptj":
+        return False
+    if getattr(model, "hf_device_map", None):
+        return False
+    return all(not hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def _turn(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's ``rotate_every_two``: each feature pair ``(x₂ᵢ, x₂ᵢ₊₁)`` → ``(−x₂ᵢ₊₁, x₂ᵢ)``."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+class _Rotary(torch.autograd.Function):
+    """``x·cos + turn(x)·sin`` with a one-pass backward: ``turn`` is a signed permutation with
+    ``turnᵀ = −turn``, so ``∂/∂x = g·cos − turn(g·sin)``.  (Autograd through the strided slices
+    of ``turn`` would build and fill zero tensors for each slice.)"""
+
+    @staticmethod
+    def forward(ctx, x, sin, cos):
+        ctx.save_for_backward(sin, cos)
+        return x * cos + _turn(x) * sin
+
+    @staticmethod
+    def backward(ctx, grad):
+        sin, cos = ctx.saved_tensors
+        return grad * cos - _turn(grad * sin), None, None
+
+
+def _rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rot: int) -> torch.Tensor:
+    """GPT-J's rotary embedding of each head's first ``rot`` features (``apply_rotary_pos_emb``);
+    x: (rows, seq, heads, head_dim), sin/cos: (rows, seq, 1, rot), already repeated per pair."""
+    if rot == x.shape[-1]:
+        return _Rotary.apply(x, sin, cos)
+    return torch.cat([_Rotary.apply(x[..., :rot], sin, cos), x[..., rot:]], dim=-1)
+
+
+def _take(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-row columns ``cols`` (rows, T) of ``x`` along ``dim`` (1 or 2)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = cols.shape
+    index = cols.view(shape).expand(*x.shape[:dim], cols.shape[1], *x.shape[dim + 1 :])
+    return x.gather(dim, index)
+
+
+class GPTJSuffix:
+    """Logits at chosen suffix columns as a function of δ at suffix column 0.
+
+    Built once per chunk from the δ = 0 pass:
+
+    Per block ``L+1 .. stop``, keys (after rotary) and values of the prefix: ``shared_kv``
+    once per context template ``(R, heads, C, head_dim)`` (``None`` when nothing is shared;
+    row ``i`` uses template ``i % R``), ``own_kv`` per row ``(rows, heads, O, head_dim)``.
+    ``h_suffix``: block L's output over the suffix ``(rows, S, d)``; ``positions``: suffix
+    position ids ``(rows, S)``; ``mask``: 1 for real tokens over shared, own and suffix
+    columns ``(rows, C + O + S)``; ``read``: suffix columns whose logits are wanted
+    ``(rows, T)``.  Rows come ``R`` per request, and leave a request at a time.
+    """
+
+    def __init__(self, model: nn.Module, arch: Architecture, layer: int, stop: int,
+                 shared_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                 own_kv: list[tuple[torch.Tensor, torch.Tensor]], h_suffix: torch.Tensor,
+                 positions: torch.Tensor, mask: torch.Tensor, read: torch.Tensor) -> None:
+        cfg = model.config
+        self.blocks = [get_module(model, arch.block.format(i)) for i in range(layer + 1, stop + 1)]
+        self.ln_f = get_module(model, arch.final_norm)
+        self.lm_head = get_module(model, arch.lm_head)
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // self.heads
+        self.rot = cfg.rotary_dim or self.head_dim
+        self.scale = math.sqrt(self.head_dim)
+        self.shared_kv, self.own_kv = shared_kv or None, list(own_kv)
+        self.R = shared_kv[0][0].shape[0] if shared_kv else 1
+        self.h_suffix, self.read = h_suffix, read
+        self.n_rows, S = positions.shape
+        P = mask.shape[1] - S
+        # sin/cos per suffix position, repeated per feature pair as GPT-J does
+        table = get_module(model, arch.attn.format(layer + 1 if self.blocks else layer))
+        sincos = table.embed_positions.to(positions.device)[positions].to(h_suffix.dtype)
+        sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+        self.sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+        self.cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+        # additive mask (rows, 1, S, P + S): padding anywhere, causal within the suffix
+        causal = torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
+        allowed = mask.bool()[:, None, :].expand(self.n_rows, S, P + S).clone()
+        allowed[:, :, P:] &= causal
+        self.mask = torch.zeros(allowed.shape, dtype=torch.float32, device=mask.device)
+        self.mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        self.mask = self.mask[:, None]
+        self.first_const = None  # block L+1 after the subject: q, k, v, MLP output
+        if self.blocks and S > 1:
+            with torch.no_grad():
+                block = self.blocks[0]
+                x = block.ln_1(h_suffix[:, 1:])
+                q, k, v = self._qkv(block.attn, x, self.sin[:, 1:], self.cos[:, 1:])
+                self.first_const = (q, k, v, block.mlp(x))
+        self._rows = torch.arange(self.n_rows, device=h_suffix.device)  # rows kept
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        """Drop the rows that left (``rows``: the active ones, a sorted subset of those kept so
+        far) from every constant, one tensor at a time, so memory never holds two copies of
+        the prefix."""
+        if torch.equal(self._rows, rows):
+            return
+        pos = torch.searchsorted(self._rows, rows)
+        for name in ("h_suffix", "sin", "cos", "mask", "read"):
+            setattr(self, name, getattr(self, name)[pos])
+        for i, (k, v) in enumerate(self.own_kv):
+            self.own_kv[i] = (k[pos], v[pos])
+        if self.first_const is not None:
+            self.first_const = tuple(t[pos] for t in self.first_const)
+        self._rows = rows
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+             parts: str = "qkv") -> list[torch.Tensor | None]:
+        """Rotary queries, keys and values ``(rows, heads, seq, head_dim)`` (those named in
+        ``parts``; the others come back as ``None``)."""
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*t.shape[:-1], self.heads, self.head_dim)
+
+        out: list[torch.Tensor | None] = [None, None, None]
+        if "q" in parts:
+            out[0] = _rotary(heads(attn.q_proj(x)), sin, cos, self.rot).transpose(1, 2)
+        if "k" in parts:
+            out[1] = _rotary(heads(attn.k_proj(x)), sin, cos, self.rot).transpose(1, 2)
+        if "v" in parts:
+            out[2] = heads(attn.v_proj(x)).transpose(1, 2)
+        return out
+
+    def _attend(self, attn: nn.Module, i: int, q, k, v, mask) -> torch.Tensor:
+        """GPT-J's ``_attn`` (float32 scores, ``1/√head_dim``, additive mask, softmax) with the
+        key axis split into the shared prefix, each row's own prefix and the suffix."""
+        own_k, own_v = self.own_kv[i]
+        q32 = q.float()
+        parts = [q32 @ own_k.float().transpose(-1, -2), q32 @ k.float().transpose(-1, -2)]
+        if self.shared_kv is not None:
+            sh_k, sh_v = self.shared_kv[i]
+            parts.insert(0, self._per_template(q32, sh_k.float().transpose(-1, -2)))
+        weights = torch.softmax(torch.cat(parts, dim=-1) / self.scale + mask, dim=-1)
+        weights = weights.to(v.dtype)
+        widths = [t.shape[-1] for t in parts]
+        w = weights.split(widths, dim=-1)
+        out = w[-2] @ own_v + w[-1] @ v
+        if self.shared_kv is not None:
+            out = out + self._per_template(w[0], sh_v)
+        out = out.transpose(1, 2).reshape(*out.shape[:1], out.shape[2], -1)
+        return attn.out_proj(out)
+
+    def _per_template(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``x @ m[template of the row]`` for x ``(rows, heads, q, a)`` and m ``(R, heads, a,
+        b)``, as one product per template and head over all requests' rows."""
+        rows, heads, n_q, a = x.shape
+        n = rows // self.R
+        grouped = x.view(n, self.R, heads, n_q, a).permute(1, 2, 0, 3, 4)
+        out = grouped.reshape(self.R, heads, n * n_q, a) @ m
+        out = out.view(self.R, heads, n, n_q, -1).permute(2, 0, 1, 3, 4)
+        return out.reshape(rows, heads, n_q, -1)
+
+    def logits(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``(len(rows), T, vocab)`` at the ``read`` columns, δ (one per row) added to
+        block L's MLP output (= its block output, the MLP being added into the residual) at
+        suffix column 0.  ``rows`` are the active rows, in the numbering of construction; rows
+        once left cannot come back."""
+        self._keep(rows)
+        h = self.h_suffix
+        h = torch.cat([h[:, :1] + delta[:, None].to(h.dtype), h[:, 1:]], dim=1)
+        sin, cos, mask, read = self.sin, self.cos, self.mask, self.read
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            if i == 0 and self.first_const is not None:
+                q_c, k_c, v_c, mlp_c = self.first_const
+                x0 = block.ln_1(h[:, :1])
+                q0, k0, v0 = self._qkv(block.attn, x0, sin[:, :1], cos[:, :1])
+                q, k, v = (torch.cat(p, dim=2) for p in ((q0, q_c), (k0, k_c), (v0, v_c)))
+                mlp = torch.cat([block.mlp(x0), mlp_c], dim=1)
+                if last:  # only the read columns go on
+                    q = _take(q, read, dim=2)
+                    mlp, h = _take(mlp, read, dim=1), _take(h, read, dim=1)
+                    mask = _take(mask, read, dim=2)
+                h = h + self._attend(block.attn, i, q, k, v, mask) + mlp
+                continue
+            x = block.ln_1(h)
+            if last:  # keys and values everywhere, the rest only where logits are read
+                _, k, v = self._qkv(block.attn, x, sin, cos, "kv")
+                x, h = _take(x, read, dim=1), _take(h, read, dim=1)
+                q, _, _ = self._qkv(block.attn, x, _take(sin, read, 1), _take(cos, read, 1), "q")
+                mask = _take(mask, read, dim=2)
+            else:
+                q, k, v = self._qkv(block.attn, x, sin, cos)
+            h = h + self._attend(block.attn, i, q, k, v, mask) + block.mlp(x)
+        if not self.blocks:
+            h = _take(h, read, dim=1)
+        return self.lm_head(self.ln_f(h))
+
+
+class SuffixGroups:
+    """:class:`GPTJSuffix` per group of context templates, each over only the suffix columns its
+    reads need: the KL prompt reads the logits at the subject itself, so its later suffix
+    tokens never matter.  Same arguments as :class:`GPTJSuffix` (rows ``R`` per request,
+    template ``i % R``); :meth:`logits` returns the rows in the order given."""
+
+    def __init__(self, model: nn.Module, arch: Architecture, layer: int, stop: int,
+                 shared_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                 own_kv: list[tuple[torch.Tensor, torch.Tensor]], h_suffix: torch.Tensor,
+                 positions: torch.Tensor, mask: torch.Tensor, read: torch.Tensor,
+                 R: int) -> None:
+        n_rows, S = positions.shape
+        before = mask.shape[1] - S  # prefix columns
+        template = torch.arange(n_rows, device=read.device) % R
+        need = read.max(1).values + 1  # suffix columns up to the last read one
+        widths = [int(need[template == j].max()) for j in range(R)]
+        self.R, self.groups = R, []
+        for width in sorted(set(widths)):
+            js = torch.tensor([j for j in range(R) if widths[j] == width], device=read.device)
+            sel = torch.isin(template, js).nonzero()[:, 0]
+            shared = None if shared_kv is None else [(k[js.to(k.device)], v[js.to(v.device)])
+                                                      for k, v in shared_kv]
+            runner = GPTJSuffix(model, arch, layer, stop, shared,
+                                [(k[sel], v[sel]) for k, v in own_kv],
+                                h_suffix[sel, :width], positions[sel, :width],
+                                mask[sel, : before + width], read[sel])
+            self.groups.append((js, runner))
+
+    def logits(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        requests = rows.view(-1, self.R)[:, 0] // self.R
+        local = torch.arange(len(requests), device=rows.device)[:, None] * self.R
+        parts, order = [], []
+        for js, runner in self.groups:
+            where = (local + js).flatten()  # these templates' rows within ``rows``
+            mine = (requests[:, None] * len(js) + torch.arange(len(js), device=rows.device))
+            parts.append(runner.logits(delta[where], mine.flatten()))
+            order.append(where)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
