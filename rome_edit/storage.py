@@ -30,6 +30,14 @@ def _temporary_beside(path: Path) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def remove_partial_writes(path: str | Path) -> None:
+    """Delete the temporary files that writes of ``path`` left when their process was killed
+    (SIGKILL skips the cleanup above)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     with _temporary_beside(path) as tmp:

@@ -90,11 +90,10 @@ def _take(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
 class GPTJSuffix:
     """Logits at chosen suffix columns as a function of δ at suffix column 0.
 
-    Built once per chunk from the δ = 0 pass:
-
-    Per block ``L+1 .. stop``, keys (after rotary) and values of the prefix: ``shared_kv``
-    once per context template ``(R, heads, C, head_dim)`` (``None`` when nothing is shared;
-    row ``i`` uses template ``i % R``), ``own_kv`` per row ``(rows, heads, O, head_dim)``.
+    Built once per chunk from the δ = 0 pass.  Per block ``L+1 .. stop``, keys (after rotary)
+    and values of the prefix: ``shared_kv`` once per context template
+    ``(R, heads, C, head_dim)`` (``None`` when nothing is shared; row ``i`` uses template
+    ``i % R``), ``own_kv`` per row ``(rows, heads, O, head_dim)``.
     ``h_suffix``: block L's output over the suffix ``(rows, S, d)``; ``positions``: suffix
     position ids ``(rows, S)``; ``mask``: 1 for real tokens over shared, own and suffix
     columns ``(rows, C + O + S)``; ``read``: suffix columns whose logits are wanted

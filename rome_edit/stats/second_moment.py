@@ -39,7 +39,7 @@ from rome_edit.stats.checkpoint import (
 )
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus, tokenize_documents
 from rome_edit.stats.inverse import InverseSecondMoment
-from rome_edit.storage import atomic_save_tensors
+from rome_edit.storage import atomic_save_tensors, remove_partial_writes
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,9 @@ class SecondMoment:
             "corpus_id": self.corpus_id, "n_documents": str(self.n_documents),
             "n_tokens": str(self.n_tokens), "dtype": self.dtype, "d_mlp": str(self.d_mlp),
         }
-        return atomic_save_tensors({TENSOR_NAME: self.matrix.contiguous()}, path, metadata)
+        saved = atomic_save_tensors({TENSOR_NAME: self.matrix.contiguous()}, path, metadata)
+        remove_partial_writes(saved)  # of earlier runs killed while saving
+        return saved
 
     @classmethod
     def load(cls, path: str | Path, model_identity: str | None = None, layer: int | None = None,
@@ -333,4 +335,5 @@ def compute_second_moment(
     result = accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
+        remove_partial_writes(checkpoint)  # a checkpoint write a kill interrupted
     return result
