@@ -67,6 +67,21 @@ def test_interrupted_pass_resumes_to_the_same_sum(tiny_gptj, corpus, tmp_path, m
     assert not ckpt.exists()  # removed once the pass is complete
 
 
+def test_writes_cut_short_by_a_kill_are_cleaned_up(tiny_gptj, corpus, tmp_path):
+    """SIGKILL skips the atomic writer's own cleanup; the next complete pass removes what a
+    killed checkpoint write or a killed final save left."""
+    ckpt, out = tmp_path / "partial.safetensors", tmp_path / "C.safetensors"
+    stale = [tmp_path / f".{ckpt.name}.k1ll3d.tmp", tmp_path / f".{out.name}.k1ll3d.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    keep = tmp_path / ".other.safetensors.k1ll3d.tmp"  # another file's: not ours to delete
+    keep.write_bytes(b"")
+    stats = compute_second_moment(tiny_gptj, 1, corpus, n_samples=40, batch_size=8,
+                                  progress=False, checkpoint=ckpt, checkpoint_every=2)
+    stats.save(out)
+    assert not any(path.exists() for path in stale) and keep.exists()
+
+
 def test_checkpoint_of_another_pass_is_not_resumed(tmp_path, caplog):
     path = tmp_path / "partial.safetensors"
     mine = PassIdentity("abc|1|corpus|float32|300|64", 8, 0, 1)
