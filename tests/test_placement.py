@@ -126,3 +126,14 @@ def test_max_memory_argument():
                                                               "cpu": "60GiB"}
     with pytest.raises(ValueError, match="DEVICE=SIZE"):
         parse_max_memory("20GiB")
+
+
+def test_device_and_device_map_together_are_refused_before_loading(monkeypatch):
+    from rome_edit.models import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match="either device or device_map"):
+        loading.load_model(device="cpu", device_map="auto")

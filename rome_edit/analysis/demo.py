@@ -16,7 +16,7 @@ from pathlib import Path
 from rome_edit.analysis.experiment import AnalysisSettings, analyze
 from rome_edit.data.names import load_names
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
-from rome_edit.editing.sweep import run_sweep
+from rome_edit.editing.sweep import FLUENCY_TOKENS, run_sweep
 from rome_edit.models.knowledge import gender_accuracy
 from rome_edit.models.loading import load_model
 from rome_edit.models.subject import fill
@@ -112,8 +112,9 @@ def _pct(x: float | None) -> str:
 def _fluency_lines(sweep: dict, examples: list[dict]) -> list[str]:
     if sweep.get("fluency_after") is None:
         return []
-    lines = [f"Fluency (n-gram entropy of 30-token greedy generations, sampled names): "
-             f"{sweep['fluency_before']:.2f} bits before, {sweep['fluency_after']:.2f} after.",
+    lines = [f"Fluency (n-gram entropy of {FLUENCY_TOKENS}-token greedy generations, sampled "
+             f"names): {sweep['fluency_before']:.2f} bits before, {sweep['fluency_after']:.2f} "
+             "after.",
              "", "```"]
     for ex in examples:
         lines += [f"[before] {ex['prompt']}{ex['before']}", f"[after]  {ex['prompt']}{ex['after']}"]
@@ -125,10 +126,12 @@ def _example_generations(sweep_dir: Path, prompt: str, n: int = 3) -> list[dict]
     examples = []
     for line in (sweep_dir / "records.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if row.get("generation_after") is not None and len(examples) < n:
+        if row.get("generation_after") is not None:
             examples.append({"prompt": fill(prompt, row["subject"]),
                              "before": row["generation_before"],
                              "after": row["generation_after"]})
+            if len(examples) == n:
+                break
     return examples
 
 

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--limit", type=int, default=None, help="only the first N names")
     sweep.add_argument("--batch-size", type=int, default=64,
                        help="names per batch: one shard, one optimisation chunk (default 64; "
-                            "GPT-J-6B in float16 on a 24 GB GPU: 4, see docs/scaling.md)")
+                            "GPT-J-6B in float16 on a 24 GB GPU: 8, see docs/scaling.md)")
     _editing_args(sweep)
     sweep.set_defaults(func=run_sweep_cmd)
 

@@ -24,7 +24,6 @@ same function to float rounding).  The KL term's reference distribution is the f
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -40,7 +39,6 @@ from rome_edit.models.gptj_suffix import SuffixGroups, supports_gptj_suffix
 from rome_edit.models.layers import fused_activations, only_blocks
 from rome_edit.models.loading import LoadedModel
 
-log = logging.getLogger(__name__)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the reference uses
 
 

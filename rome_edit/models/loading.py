@@ -91,10 +91,13 @@ def load_model(
     (accelerate places the blocks, e.g. ``device_map="auto", max_memory={0: "20GiB", 1:
     "20GiB"}`` splits a model over two GPUs); otherwise the model goes to ``device`` (default
     CPU).  Blocks that accelerate offloads (to ``"cpu"`` beside GPUs, or ``"disk"``) can be read
-    through but not edited (see :func:`rome_edit.models.placement.check_editable`).
+    through but not edited (see :func:`rome_edit.models.architectures.check_editable`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    if device_map is not None and device is not None:  # refused before any loading
+        raise ValueError("give either device or device_map, not both (a device map places "
+                         "every block itself).")
     source = str(name_or_path) if name_or_path is not None else str(bundled_model_path())
     if name_or_path is None and not (Path(source) / "config.json").exists():
         raise FileNotFoundError(
@@ -119,8 +122,5 @@ def load_model(
         ) from None
     if device_map is None:
         model.to(device or "cpu")
-    elif device is not None:
-        raise ValueError("give either device or device_map, not both (a device map places "
-                         "every block itself).")
     name = "bundled:toy-gptj" if name_or_path is None else source
     return wrap_model(model, tokenizer, name, templates)
