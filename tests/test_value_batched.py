@@ -112,13 +112,15 @@ def test_batched_equals_one_at_a_time_at_layout_edges(tokenizer, family, case):
 def test_rotary_matches_gptj_and_its_gradient_is_exact(rot):
     from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
 
-    from rome_edit.models.gptj_suffix import _rotary
+    from rome_edit.models.gptj_rotary import apply_rotary
 
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)  # (rows, seq, heads, ·)
     sin = torch.randn(3, 5, rot // 2, dtype=torch.float64)
     cos = torch.randn(3, 5, rot // 2, dtype=torch.float64)
-    rep = [torch.repeat_interleave(t[:, :, None, :], 2, 3) for t in (sin, cos)]
     want = torch.cat([apply_rotary_pos_emb(x[..., :rot], sin, cos), x[..., rot:]], dim=-1)
-    torch.testing.assert_close(_rotary(x, *rep, rot), want)
-    assert torch.autograd.gradcheck(lambda t: _rotary(t, *rep, rot), (x,))
+    rep = [torch.repeat_interleave(t[:, None], 2, 3) for t in (sin, cos)]  # (rows, 1, seq, rot)
+    got = apply_rotary(x.transpose(1, 2), *rep, rot)  # heads first, as a strided view
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want.transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t.transpose(1, 2), *rep, rot), (x,))

@@ -9,8 +9,10 @@ this module skips them:
 
 * **Block L+1, positions after the subject.**  Their block input is block L's output, which δ
   does not reach (δ enters *after* block L's attention), so ``ln₁``, the query/key/value
-  projections and the whole MLP there are constants.  Only their attention mixing (they attend
-  to the changed subject position) and the output projection are recomputed.
+  projections and the whole MLP there are constants, and so are their attention scores to
+  every key but the subject's.  Their softmax over those fixed keys is reduced once to a
+  maximum, a normaliser and a weighted value sum; each step adds only the subject's score and
+  value to it, and recomputes the output projection.
 * **The loss block, positions nobody reads.**  Logits are read only at the target positions
   (and at the subject for the KL prompt), so the loss block needs keys and values everywhere
   but queries, attention output, MLP and residual only there; the final norm and unembedding
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from rome_edit.models.architectures import Architecture, get_module
+from rome_edit.models.gptj_rotary import apply_rotary
 
 
 def supports_gptj_suffix(model: nn.Module, arch: Architecture) -> bool:
@@ -48,35 +51,6 @@ def supports_gptj_suffix(model: nn.Module, arch: Architecture) -> bool:
     if getattr(model, "hf_device_map", None):
         return False
     return all(not hasattr(m, "_hf_hook") for m in model.modules())
-
-
-def _turn(x: torch.Tensor) -> torch.Tensor:
-    """GPT-J's ``rotate_every_two``: each feature pair ``(x₂ᵢ, x₂ᵢ₊₁)`` → ``(−x₂ᵢ₊₁, x₂ᵢ)``."""
-    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-
-
-class _Rotary(torch.autograd.Function):
-    """``x·cos + turn(x)·sin`` with a one-pass backward: ``turn`` is a signed permutation with
-    ``turnᵀ = −turn``, so ``∂/∂x = g·cos − turn(g·sin)``.  (Autograd through the strided slices
-    of ``turn`` would build and fill zero tensors for each slice.)"""
-
-    @staticmethod
-    def forward(ctx, x, sin, cos):
-        ctx.save_for_backward(sin, cos)
-        return x * cos + _turn(x) * sin
-
-    @staticmethod
-    def backward(ctx, grad):
-        sin, cos = ctx.saved_tensors
-        return grad * cos - _turn(grad * sin), None, None
-
-
-def _rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rot: int) -> torch.Tensor:
-    """GPT-J's rotary embedding of each head's first ``rot`` features (``apply_rotary_pos_emb``);
-    x: (rows, seq, heads, head_dim), sin/cos: (rows, seq, 1, rot), already repeated per pair."""
-    if rot == x.shape[-1]:
-        return _Rotary.apply(x, sin, cos)
-    return torch.cat([_Rotary.apply(x[..., :rot], sin, cos), x[..., rot:]], dim=-1)
 
 
 def _take(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -121,8 +95,8 @@ class GPTJSuffix:
         table = get_module(model, arch.attn.format(layer + 1 if self.blocks else layer))
         sincos = table.embed_positions.to(positions.device)[positions].to(h_suffix.dtype)
         sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
-        self.sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
-        self.cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+        self.sin = torch.repeat_interleave(sin[:, None], 2, 3)  # (rows, 1, S, rot)
+        self.cos = torch.repeat_interleave(cos[:, None], 2, 3)
         # additive mask (rows, 1, S, P + S): padding anywhere, causal within the suffix
         causal = torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
         allowed = mask.bool()[:, None, :].expand(self.n_rows, S, P + S).clone()
@@ -130,13 +104,21 @@ class GPTJSuffix:
         self.mask = torch.zeros(allowed.shape, dtype=torch.float32, device=mask.device)
         self.mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         self.mask = self.mask[:, None]
-        self.first_const = None  # block L+1 after the subject: q, k, v, MLP output
+        self.P = P
+        # block L+1 after the subject: queries, their softmax over every key but the subject's
+        # (all fixed) reduced to m, z, u, and the MLP output
+        self.first_const = None
         if self.blocks and S > 1:
             with torch.no_grad():
                 block = self.blocks[0]
                 x = block.ln_1(h_suffix[:, 1:])
-                q, k, v = self._qkv(block.attn, x, self.sin[:, 1:], self.cos[:, 1:])
-                self.first_const = (q, k, v, block.mlp(x))
+                q, k, v = self._qkv(block.attn, x, self.sin[:, :, 1:], self.cos[:, :, 1:])
+                fixed_mask = torch.cat([self.mask[..., 1:, :P], self.mask[..., 1:, P + 1 :]], -1)
+                s = torch.cat(self._scores(0, q, k), dim=-1) / self.scale + fixed_mask
+                m = s.amax(-1, keepdim=True)
+                e = torch.exp(s - m)  # see _first_block_attention
+                self.first_const = (q, m, e.sum(-1, keepdim=True),
+                                    self._mix(0, e.to(v.dtype), v).float(), block.mlp(x))
         self._rows = torch.arange(self.n_rows, device=h_suffix.device)  # rows kept
 
     def _keep(self, rows: torch.Tensor) -> None:
@@ -156,39 +138,71 @@ class GPTJSuffix:
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
              parts: str = "qkv") -> list[torch.Tensor | None]:
-        """Rotary queries, keys and values ``(rows, heads, seq, head_dim)`` (those named in
-        ``parts``; the others come back as ``None``)."""
+        """Rotary queries, keys and values ``(rows, heads, seq, head_dim)``, contiguous (those
+        named in ``parts``; the others come back as ``None``)."""
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(*t.shape[:-1], self.heads, self.head_dim)
+            return t.view(*t.shape[:-1], self.heads, self.head_dim).transpose(1, 2)
 
         out: list[torch.Tensor | None] = [None, None, None]
         if "q" in parts:
-            out[0] = _rotary(heads(attn.q_proj(x)), sin, cos, self.rot).transpose(1, 2)
+            out[0] = apply_rotary(heads(attn.q_proj(x)), sin, cos, self.rot)
         if "k" in parts:
-            out[1] = _rotary(heads(attn.k_proj(x)), sin, cos, self.rot).transpose(1, 2)
+            out[1] = apply_rotary(heads(attn.k_proj(x)), sin, cos, self.rot)
         if "v" in parts:
-            out[2] = heads(attn.v_proj(x)).transpose(1, 2)
+            out[2] = heads(attn.v_proj(x)).contiguous()
         return out
 
-    def _attend(self, attn: nn.Module, i: int, q, k, v, mask) -> torch.Tensor:
-        """GPT-J's ``_attn`` (float32 scores, ``1/√head_dim``, additive mask, softmax) with the
-        key axis split into the shared prefix, each row's own prefix and the suffix."""
-        own_k, own_v = self.own_kv[i]
+    def _scores(self, i: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+        """Unscaled float32 scores of ``q`` against block ``i``'s shared prefix (when there is
+        one), each row's own prefix and the suffix keys ``k``, in that order."""
+        own_k = self.own_kv[i][0]
         q32 = q.float()
         parts = [q32 @ own_k.float().transpose(-1, -2), q32 @ k.float().transpose(-1, -2)]
         if self.shared_kv is not None:
-            sh_k, sh_v = self.shared_kv[i]
-            parts.insert(0, self._per_template(q32, sh_k.float().transpose(-1, -2)))
-        weights = torch.softmax(torch.cat(parts, dim=-1) / self.scale + mask, dim=-1)
-        weights = weights.to(v.dtype)
-        widths = [t.shape[-1] for t in parts]
+            parts.insert(0, self._per_template(q32, self.shared_kv[i][0].float().transpose(-1, -2)))
+        return parts
+
+    def _mix(self, i: int, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``weights @ values`` over the same three key groups as :meth:`_scores`."""
+        own_v = self.own_kv[i][1]
+        widths = [own_v.shape[2], v.shape[2]]
+        if self.shared_kv is not None:
+            widths.insert(0, self.shared_kv[i][1].shape[2])
         w = weights.split(widths, dim=-1)
         out = w[-2] @ own_v + w[-1] @ v
         if self.shared_kv is not None:
-            out = out + self._per_template(w[0], sh_v)
-        out = out.transpose(1, 2).reshape(*out.shape[:1], out.shape[2], -1)
-        return attn.out_proj(out)
+            out = out + self._per_template(w[0], self.shared_kv[i][1])
+        return out
+
+    def _attend(self, i: int, q, k, v, mask) -> torch.Tensor:
+        """GPT-J's ``_attn`` (float32 scores, ``1/√head_dim``, additive mask, softmax; weights
+        cast to the values' dtype) with the key axis split as in :meth:`_scores`."""
+        weights = torch.softmax(torch.cat(self._scores(i, q, k), dim=-1) / self.scale + mask, -1)
+        return self._mix(i, weights.to(v.dtype), v)
+
+    def _first_block_attention(self, q0, k0, v0) -> torch.Tensor:
+        """Block L+1's attention output at every suffix column when only the subject's query,
+        key and value (column 0) change.  Column 0 attends normally.  A later column's softmax
+        over the fixed keys was reduced at construction to its largest score ``m``, its
+        normaliser ``z = Σ e^(s−m)`` and its weighted value sum ``u = Σ e^(s−m)·v``; the
+        subject's score ``s₀`` joins them as ``(u·e^(m−M) + v₀·e^(s₀−M)) / (z·e^(m−M) +
+        e^(s₀−M))`` with ``M = max(m, s₀)``: the same softmax, its sum split in two (equal to
+        float rounding)."""
+        q_c, m, z, u, _ = self.first_const
+        P, mask = self.P, self.mask
+        out0 = self._attend(0, q0, k0, v0, mask[:, :, :1, : P + 1])
+        s0 = (q_c.float() * k0.float()).sum(-1, keepdim=True) / self.scale
+        s0 = s0 + mask[:, :, 1:, P : P + 1]
+        peak = torch.maximum(m, s0)
+        a, e0 = torch.exp(m - peak), torch.exp(s0 - peak)
+        rest = (u * a + e0 * v0.float()) / (z * a + e0)
+        return torch.cat([out0, rest.to(v0.dtype)], dim=2)
+
+    @staticmethod
+    def _project(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """Heads merged, then the output projection."""
+        return attn.out_proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1))
 
     def _per_template(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """``x @ m[template of the row]`` for x ``(rows, heads, q, a)`` and m ``(R, heads, a,
@@ -212,26 +226,22 @@ class GPTJSuffix:
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
             if i == 0 and self.first_const is not None:
-                q_c, k_c, v_c, mlp_c = self.first_const
                 x0 = block.ln_1(h[:, :1])
-                q0, k0, v0 = self._qkv(block.attn, x0, sin[:, :1], cos[:, :1])
-                q, k, v = (torch.cat(p, dim=2) for p in ((q0, q_c), (k0, k_c), (v0, v_c)))
-                mlp = torch.cat([block.mlp(x0), mlp_c], dim=1)
+                q0, k0, v0 = self._qkv(block.attn, x0, sin[:, :, :1], cos[:, :, :1])
+                attn = self._project(block.attn, self._first_block_attention(q0, k0, v0))
+                h = h + attn + torch.cat([block.mlp(x0), self.first_const[-1]], dim=1)
                 if last:  # only the read columns go on
-                    q = _take(q, read, dim=2)
-                    mlp, h = _take(mlp, read, dim=1), _take(h, read, dim=1)
-                    mask = _take(mask, read, dim=2)
-                h = h + self._attend(block.attn, i, q, k, v, mask) + mlp
+                    h = _take(h, read, dim=1)
                 continue
             x = block.ln_1(h)
             if last:  # keys and values everywhere, the rest only where logits are read
                 _, k, v = self._qkv(block.attn, x, sin, cos, "kv")
                 x, h = _take(x, read, dim=1), _take(h, read, dim=1)
-                q, _, _ = self._qkv(block.attn, x, _take(sin, read, 1), _take(cos, read, 1), "q")
+                q, _, _ = self._qkv(block.attn, x, _take(sin, read, 2), _take(cos, read, 2), "q")
                 mask = _take(mask, read, dim=2)
             else:
                 q, k, v = self._qkv(block.attn, x, sin, cos)
-            h = h + self._attend(block.attn, i, q, k, v, mask) + block.mlp(x)
+            h = h + self._project(block.attn, self._attend(i, q, k, v, mask)) + block.mlp(x)
         if not self.blocks:
             h = _take(h, read, dim=1)
         return self.lm_head(self.ln_f(h))
