@@ -110,11 +110,10 @@ def estimate_edit_memory(
     kernel = supports_gptj_suffix(model, arch)
     if kernel:  # the tokens every request shares are kept once per template
         own_tokens = min(own_tokens, prefix_tokens)
-        prefix = trained * 2 * kv_width * size * (
+        prefix_cache = trained * 2 * kv_width * size * (
             rows * own_tokens + n_prompts * (prefix_tokens - own_tokens))
     else:
-        prefix = rows * trained * 2 * prefix_tokens * kv_width * size
-    prefix_cache = prefix
+        prefix_cache = rows * trained * 2 * prefix_tokens * kv_width * size
     per_token_block = (
         8 * d_model            # norms, residual adds, q/k/v/out projections' inputs
         + 3 * d_mlp            # fc_in output, activation input and output
@@ -124,7 +123,7 @@ def estimate_edit_memory(
     if not kernel:  # the model's own attention joins the keys
         per_block += rows * 2 * 2 * tokens * kv_width * size            # prefix ⧺ suffix k/v
     # when names leave, the prefix is compacted one key or value tensor at a time
-    step = trained * per_block + (prefix // (2 * trained) if trained else 0)
+    step = trained * per_block + (prefix_cache // (2 * trained) if trained else 0)
     # the δ = 0 pass holds blocks 0 .. L's keys and values over every token instead, earlier
     first_pass = rows * (layer + 1) * 2 * tokens * kv_width * size
     step_activations = max(step, first_pass)

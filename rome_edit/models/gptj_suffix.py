@@ -36,6 +36,7 @@ generic path.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +60,16 @@ def _take(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     shape[0], shape[dim] = cols.shape
     index = cols.view(shape).expand(*x.shape[:dim], cols.shape[1], *x.shape[dim + 1 :])
     return x.gather(dim, index)
+
+
+class _LaterColumns(NamedTuple):
+    """Block L+1 at the suffix columns after the subject (rows first, so rows can be dropped)."""
+
+    q: torch.Tensor  # queries (rows, heads, S-1, head_dim)
+    m: torch.Tensor  # largest score over the fixed keys (rows, heads, S-1, 1)
+    z: torch.Tensor  # Σ e^(s−m) over them (rows, heads, S-1, 1)
+    u: torch.Tensor  # Σ e^(s−m)·v over them, float32 (rows, heads, S-1, head_dim)
+    mlp: torch.Tensor  # MLP output (rows, S-1, d)
 
 
 class GPTJSuffix:
@@ -105,20 +116,7 @@ class GPTJSuffix:
         self.mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         self.mask = self.mask[:, None]
         self.P = P
-        # block L+1 after the subject: queries, their softmax over every key but the subject's
-        # (all fixed) reduced to m, z, u, and the MLP output
-        self.first_const = None
-        if self.blocks and S > 1:
-            with torch.no_grad():
-                block = self.blocks[0]
-                x = block.ln_1(h_suffix[:, 1:])
-                q, k, v = self._qkv(block.attn, x, self.sin[:, :, 1:], self.cos[:, :, 1:])
-                fixed_mask = torch.cat([self.mask[..., 1:, :P], self.mask[..., 1:, P + 1 :]], -1)
-                s = torch.cat(self._scores(0, q, k), dim=-1) / self.scale + fixed_mask
-                m = s.amax(-1, keepdim=True)
-                e = torch.exp(s - m)  # see _first_block_attention
-                self.first_const = (q, m, e.sum(-1, keepdim=True),
-                                    self._mix(0, e.to(v.dtype), v).float(), block.mlp(x))
+        self.later = self._later_columns() if self.blocks and S > 1 else None
         self._rows = torch.arange(self.n_rows, device=h_suffix.device)  # rows kept
 
     def _keep(self, rows: torch.Tensor) -> None:
@@ -132,9 +130,23 @@ class GPTJSuffix:
             setattr(self, name, getattr(self, name)[pos])
         for i, (k, v) in enumerate(self.own_kv):
             self.own_kv[i] = (k[pos], v[pos])
-        if self.first_const is not None:
-            self.first_const = tuple(t[pos] for t in self.first_const)
+        if self.later is not None:
+            self.later = _LaterColumns(*(t[pos] for t in self.later))
         self._rows = rows
+
+    @torch.no_grad()
+    def _later_columns(self) -> _LaterColumns:
+        """Block L+1 after the subject: what δ cannot change there (see
+        :meth:`_first_block_attention` for ``m``, ``z``, ``u``)."""
+        block, P = self.blocks[0], self.P
+        x = block.ln_1(self.h_suffix[:, 1:])
+        q, k, v = self._qkv(block.attn, x, self.sin[:, :, 1:], self.cos[:, :, 1:])
+        fixed_mask = torch.cat([self.mask[..., 1:, :P], self.mask[..., 1:, P + 1 :]], -1)
+        s = torch.cat(self._scores(0, q, k), dim=-1) / self.scale + fixed_mask
+        m = s.amax(-1, keepdim=True)
+        e = torch.exp(s - m)
+        return _LaterColumns(q, m, e.sum(-1, keepdim=True),
+                             self._mix(0, e.to(v.dtype), v).float(), block.mlp(x))
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
              parts: str = "qkv") -> list[torch.Tensor | None]:
@@ -189,7 +201,7 @@ class GPTJSuffix:
         subject's score ``s₀`` joins them as ``(u·e^(m−M) + v₀·e^(s₀−M)) / (z·e^(m−M) +
         e^(s₀−M))`` with ``M = max(m, s₀)``: the same softmax, its sum split in two (equal to
         float rounding)."""
-        q_c, m, z, u, _ = self.first_const
+        q_c, m, z, u, _ = self.later
         P, mask = self.P, self.mask
         out0 = self._attend(0, q0, k0, v0, mask[:, :, :1, : P + 1])
         s0 = (q_c.float() * k0.float()).sum(-1, keepdim=True) / self.scale
@@ -225,11 +237,11 @@ class GPTJSuffix:
         sin, cos, mask, read = self.sin, self.cos, self.mask, self.read
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            if i == 0 and self.first_const is not None:
+            if i == 0 and self.later is not None:
                 x0 = block.ln_1(h[:, :1])
                 q0, k0, v0 = self._qkv(block.attn, x0, sin[:, :, :1], cos[:, :, :1])
                 attn = self._project(block.attn, self._first_block_attention(q0, k0, v0))
-                h = h + attn + torch.cat([block.mlp(x0), self.first_const[-1]], dim=1)
+                h = h + attn + torch.cat([block.mlp(x0), self.later.mlp], dim=1)
                 if last:  # only the read columns go on
                     h = _take(h, read, dim=1)
                 continue
