@@ -1,7 +1,8 @@
-# The README's two commands: `make demo` and `make test`. Both install what they need first.
+# The README's two commands: `make demo` and `make test`. Both install what they need first:
+# the tested set of constraints.txt, and, only when no torch is installed, the local CPU build
+# of constraints-cpu.txt (an unpinned torch would pull several GB of CUDA packages).
 PYTHON ?= python
-# Keep a torch the user already has; otherwise take the CPU build named in constraints-cpu.txt.
-CONSTRAINTS = $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+CONSTRAINTS = -c constraints.txt $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 DEMO_OUT ?= demo-out
 
 .PHONY: install install-dev demo test

@@ -1,5 +1,6 @@
 """ROME editor properties on tiny random models, checked against ground truth."""
 
+import dataclasses
 import json
 
 import pytest
@@ -190,7 +191,7 @@ def test_bad_inputs_leave_weights_untouched(tiny_gptj):
     with pytest.raises(ValueError, match="layer 1 but the edit is at layer 2"):
         compute_edits(lm, REQS[:1], hp_for(lm, layers=(2,), mom2_adjustment=True), CTX, inverse)
     other = SecondMomentInverse(inverse.solver, {**inverse.provenance, "model_identity": "x@1"})
-    with pytest.raises(ValueError, match="statistics are for model"):
+    with pytest.raises(ValueError, match="second moment C was made on x@1"):
         compute_edits(lm, REQS[:1], hp_for(lm, mom2_adjustment=True), CTX, other)
     with pytest.raises(ValueError, match="no second-moment"):
         compute_edits(lm, REQS[:1], hp_for(lm, mom2_adjustment=True), CTX, None)
@@ -227,7 +228,11 @@ def test_batched_evaluation_equals_real_weight_edits(tiny_gptj):
                                                                ". Gender:"])[0]
         new_id = lm.tokenizer(rec.request.target_new, add_special_tokens=False)["input_ids"][0]
         assert abs(score.p_new_after - lp[new_id].exp().item()) < 1e-4
-        assert score == alone
+        # batch composition changes float rounding (seen: 5e-7 relative on some releases)
+        for field in dataclasses.fields(score):
+            mine, theirs = getattr(score, field.name), getattr(alone, field.name)
+            assert mine == (pytest.approx(theirs, rel=1e-5, abs=1e-7)
+                            if isinstance(mine, float) else theirs), field.name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

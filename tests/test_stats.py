@@ -144,7 +144,7 @@ def test_load_errors(tmp_path, tokenizer):
     good = _stats(torch.eye(4))
     path = good.save(tmp_path / "c.safetensors")
     with pytest.raises(StatsMismatchError, match=r"layer 1 but editing model other@def layer 1"):
-        SecondMoment.load(path, model_identity="other@def")
+        SecondMoment.load(path, model="other@def")
     with pytest.raises(StatsMismatchError,
                        match=r"tiny@abc layer 1 but editing model tiny@abc layer 3: recompute "
                              r"with rome-edit stats --layer 3"):
@@ -152,7 +152,7 @@ def test_load_errors(tmp_path, tokenizer):
     with pytest.raises(StatsMismatchError, match="4×4 but the keys of this model are 8 wide"):
         SecondMoment.load(path, d_mlp=8)
     # The same weights under another name (hub id vs local copy) are the same model.
-    SecondMoment.load(path, model_identity="/some/local/copy@abc", layer=1, d_mlp=4)
+    SecondMoment.load(path, model="/some/local/copy@abc", layer=1, d_mlp=4)
 
     nan = torch.eye(4)
     nan[1, 2] = float("nan")

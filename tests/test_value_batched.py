@@ -9,6 +9,7 @@ from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.key import key_stars
 from rome_edit.editing.prefix_pass import PromptBatch, prefix_pass
 from rome_edit.editing.request import EditRequest, rewriting_layouts
+from rome_edit.editing.suffix_step import GenericSuffix
 from rome_edit.editing.value import optimize_value
 from rome_edit.models.gptj_suffix import GPTJSuffix, SuffixGroups, supports_gptj_suffix
 from rome_edit.models.hooks import edit_output
@@ -59,7 +60,7 @@ def test_gptj_kernel_and_generic_path_equal_the_whole_forward(tiny_gptj, layer, 
     groups = SuffixGroups(lm.model, lm.arch, layer, loss_layer, pre.shared_kv, pre.own_kv,
                           h_suffix, b.pos[:, b.P :], b.mask, b.t_cols, b.R)
     assert len(groups.groups) == 2  # the rewriting prompts, and the KL prompt (1 column)
-    generic = vb._GenericSuffix(lm, b, pre.prefix_kv(), h_suffix, layer, loss_layer)
+    generic = GenericSuffix(lm, b, pre.prefix_kv(), h_suffix, layer, loss_layer)
     every = torch.arange(len(rows))
     real = b.t_mask.bool()
     real[:, 0] = True  # a KL row reads column 0 (its subject)

@@ -82,7 +82,8 @@ def build_report(lm, names, located, sweep, analysis, seconds, quick) -> dict:
     vec, ctl = analysis["vector_weights"], analysis["control_weights"]
     return {
         "quick": quick,
-        "model": {"identity": lm.identity, "gender_accuracy": gender_accuracy(lm, names)},
+        "model": {"identity": lm.identity, "attn_implementation": lm.attn_implementation,
+                  "gender_accuracy": gender_accuracy(lm, names)},
         "trace": {"recommended_layer": located.recommended_layer,
                   "mlp_effect_at_last_subject_token": located.recommended_effect,
                   "n_cases": located.n_cases, "n_skipped": located.n_skipped},
@@ -139,8 +140,9 @@ def render_markdown(report: dict, analysis: dict, out: Path) -> str:
     r = report
     lines = [
         "# rome-edit demo: gender vectors in ROME's value space", "",
-        f"Model `{r['model']['identity']}`: gender accuracy {_pct(r['model']['gender_accuracy'])}"
-        f" on `Name: X. Gender:`." + (" (quick run: a subset)" if r["quick"] else ""), "",
+        f"Model `{r['model']['identity']}` ({r['model']['attn_implementation']} attention): "
+        f"gender accuracy {_pct(r['model']['gender_accuracy'])} on `Name: X. Gender:`."
+        + (" (quick run: a subset)" if r["quick"] else ""), "",
         "## 1. Where is the fact stored?", "",
         f"Averaged causal trace over {r['trace']['n_cases']} names ({r['trace']['n_skipped']} "
         f"skipped). Recommended edit layer: **{r['trace']['recommended_layer']}** (MLP indirect "

@@ -40,6 +40,7 @@ from rome_edit.analysis.plots import (
 from rome_edit.data.names import NameEntry
 from rome_edit.editing.apply import add_rank_one, preserved
 from rome_edit.editing.rome import SecondMomentInverse
+from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import generate
 from rome_edit.models.subject import fill
@@ -107,9 +108,8 @@ def analyze(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_delta_set(sweep_dir)
-    if lm is not None and ds.model_identity.rsplit("@", 1)[-1] != lm.fingerprint:
-        raise ValueError(f"the sweep was recorded on {ds.model_identity} but the model is "
-                         f"{lm.identity}; load the sweep's model (--model).")
+    if lm is not None:
+        check_same_model(lm, ds.model_identity, "the sweep", "load the sweep's model (--model).")
     clf = train_classifier(ds, seed=settings.seed)
     gv = make_gender_vector(ds, clf, settings.scale)
     vector_path = save_gender_vector(gv, out / "gender_vector.safetensors")

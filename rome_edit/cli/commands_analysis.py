@@ -13,7 +13,7 @@ from rome_edit.analysis.gender_vector import load_gender_vector
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.data.names import load_names
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
-from rome_edit.stats.second_moment import model_fingerprint
+from rome_edit.models.identity import check_same_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,9 +92,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 def run_apply(args: argparse.Namespace) -> int:
     lm = model_from_args(args)
     gv = load_gender_vector(args.vector, expected_width=lm.model.config.hidden_size)
-    if model_fingerprint(gv.model_identity) != lm.fingerprint:
-        raise ValueError(f"{args.vector} was made on {gv.model_identity} but the model is "
-                         f"{lm.identity}; pass --model for the model the vector came from.")
+    check_same_model(lm, gv.model_identity, str(args.vector),
+                     "pass --model for the model the vector came from.")
     layer = args.layer if args.layer is not None else gv.layer
     names = load_names(args.names) if args.names else load_names(split="heldout")
     templates, inverse = _editing_context(lm, layer, args)

@@ -32,6 +32,7 @@ def run_info(args: argparse.Namespace) -> int:
     rows = [
         ("model", lm.name),
         ("identity", lm.identity),
+        ("attention", lm.attn_implementation),
         ("family", arch.family),
         ("parameters", f"{n_params:,}"),
         ("layers", lm.n_layers),

@@ -118,7 +118,8 @@ def run_trace(args: argparse.Namespace) -> int:
                    samples=args.samples, window=window, kinds=args.kinds, seed=args.seed,
                    method=args.method, max_batch=args.max_batch)
     seconds = time.perf_counter() - started
-    record = {"command": "trace", "model": lm.identity, "method": args.method,
+    record = {"command": "trace", "model": lm.identity,
+              "attn_implementation": lm.attn_implementation, "method": args.method,
               "noise": str(NoiseSpec.parse(args.noise)), "n_cases": 1, "n_skipped": 0,
               "seconds": seconds, **result.to_json()}
     path = _write(args.out, record)
@@ -158,7 +159,8 @@ def run_locate(args: argparse.Namespace) -> int:
                     batch_prompts=args.batch_prompts,
                     exclude_window_artifacts=args.exclude_window_artifacts)
     seconds = time.perf_counter() - started
-    record = {"command": "locate", "model": lm.identity, "method": args.method,
+    record = {"command": "locate", "model": lm.identity,
+              "attn_implementation": lm.attn_implementation, "method": args.method,
               "names": str(args.names) if args.names else "bundled:edit",
               "n_requested": len(entries), "seconds": seconds, **result.to_json()}
     path = _write(args.out, record)

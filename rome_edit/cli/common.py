@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rome_edit.models.compat import ATTENTION_IMPLEMENTATIONS
 from rome_edit.models.loading import DTYPES, LoadedModel, load_model
 
 
@@ -12,6 +13,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="hub id or local directory (default: the bundled toy GPT-J)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default cpu)")
+    parser.add_argument("--attn-implementation", default="eager",
+                        choices=ATTENTION_IMPLEMENTATIONS,
+                        help="attention kernel, recorded with the results: eager (the "
+                             "reference's arithmetic, default) or sdpa (fused, faster on GPUs)")
     parser.add_argument("--device-map", default=None,
                         help="accelerate device map, e.g. 'auto' to split over devices")
     parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
@@ -37,7 +42,8 @@ def model_from_args(args: argparse.Namespace, default_device: str | None = None)
     device = args.device or (default_device if args.device_map is None else None)
     return load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map,
                       max_memory=parse_max_memory(args.max_memory), templates=templates or None,
-                      offload_folder=args.offload_folder)
+                      offload_folder=args.offload_folder,
+                      attn_implementation=args.attn_implementation)
 
 
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:

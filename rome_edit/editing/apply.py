@@ -20,6 +20,7 @@ from rome_edit.models.architectures import (
     out_proj_weight,
 )
 from rome_edit.models.hooks import edit_from_input
+from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
 
 
@@ -35,11 +36,10 @@ def check_record(lm: LoadedModel, record: EditRecord, strict_identity: bool = Tr
             f"Λ={tuple(record.lam.shape)} but layer {record.layer} needs ({d_mlp},), "
             f"({d_model},); it was made for another model."
         )
-    if strict_identity and record.model_identity != lm.identity:
-        raise ValueError(
-            f"record was made on {record.model_identity} but the model is {lm.identity}; load "
-            "the model the record was made on (or pass strict_identity=False deliberately)."
-        )
+    if strict_identity:
+        check_same_model(lm, record.model_identity, "the record",
+                         "load the model the record was made on (or pass "
+                         "strict_identity=False deliberately).")
     if not (torch.isfinite(record.u).all() and torch.isfinite(record.lam).all()):
         raise ValueError("record contains NaN/Inf; recompute the edit.")
 

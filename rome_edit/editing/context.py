@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.models.compat import cache_kwargs, output_cache
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.subject import split_template
 
@@ -45,9 +46,9 @@ def sample_context_templates(
         ids = torch.full((count, 1), start, dtype=torch.long, device=lm.device)
         past = None
         for _ in range(max(0, length - 1)):
-            out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past,
-                        use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids if past is None else ids[:, -1:], use_cache=True,
+                        **cache_kwargs(model, past))
+            past = output_cache(out)
             logits = out.logits[:, -1].float().cpu()
             top = logits.topk(top_k, dim=-1)
             choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rome_edit.editing.request import PromptLayout
 from rome_edit.models.architectures import get_module
+from rome_edit.models.compat import cache_kwargs, output_cache
 from rome_edit.models.hooks import capture
 from rome_edit.models.layers import only_blocks
 from rome_edit.models.loading import LoadedModel
@@ -145,7 +146,7 @@ def prefix_pass(lm: LoadedModel, b: PromptBatch, layer: int, loss_layer: int) ->
             out = lm.model(input_ids=b.ids[:R, :C], attention_mask=b.mask[:R, :C],
                            position_ids=b.pos[:R, :C], use_cache=True, logits_to_keep=1)
         shared = [(lay.keys, lay.values)
-                  for lay in list(out.past_key_values.layers)[: loss_layer + 1]]
+                  for lay in list(output_cache(out).layers)[: loss_layer + 1]]
 
     def cache(g: torch.Tensor, growing: range) -> DynamicCache:
         """Rows ``g``'s cache for the blocks in ``growing``, each layer starting from its
@@ -171,8 +172,8 @@ def prefix_pass(lm: LoadedModel, b: PromptBatch, layer: int, loss_layer: int) ->
         low = cache(g, range(layer + 1))
         with only_blocks(lm, 0, layer + 1), capture(lm.model, names, inputs=True) as rec:
             lm.model(input_ids=b.ids[g_dev, P - o :], attention_mask=mask,
-                     position_ids=b.pos[g_dev, P - o :], past_key_values=low, use_cache=True,
-                     logits_to_keep=1)
+                     position_ids=b.pos[g_dev, P - o :], use_cache=True, logits_to_keep=1,
+                     **cache_kwargs(lm.model, low))
         block_out = rec.outputs[names[0]]
         if h_suffix is None:
             h_suffix = block_out.new_empty(n_rows, S, block_out.shape[-1])
@@ -191,8 +192,8 @@ def prefix_pass(lm: LoadedModel, b: PromptBatch, layer: int, loss_layer: int) ->
                 emb = emb - get_module(lm.model, lm.arch.position_embed)(b.pos[g_dev, P - o : P])
             with only_blocks(lm, layer + 1, loss_layer + 1):
                 lm.model(inputs_embeds=emb, attention_mask=mask[:, : C + o],
-                         position_ids=b.pos[g_dev, P - o : P], past_key_values=high,
-                         use_cache=True, logits_to_keep=1)
+                         position_ids=b.pos[g_dev, P - o : P], use_cache=True,
+                         logits_to_keep=1, **cache_kwargs(lm.model, high))
         for j, lay in enumerate(high.layers[layer + 1 :]):
             if lay.keys is not None:  # else these rows have no token before s at all
                 for side, t in enumerate((lay.keys, lay.values)):

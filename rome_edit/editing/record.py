@@ -37,6 +37,7 @@ class EditRecord:
     probs: dict = field(default_factory=dict)  # e.g. {"before": {...}, "after": {...}}
     timings: dict = field(default_factory=dict)
     context_templates: tuple[str, ...] = ()
+    attn_implementation: str | None = None  # eager / sdpa; None in records of rome-edit 0.1.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().float().cpu().clone()
@@ -48,6 +49,7 @@ class EditRecord:
             "layer": self.layer, "hparams": self.hparams, "update_form": self.update_form,
             "stats": self.stats, "losses": list(self.losses), "probs": self.probs,
             "timings": self.timings, "context_templates": list(self.context_templates),
+            "attn_implementation": self.attn_implementation,
             "delta_norm": float(self.delta.norm()), "v_orig_norm": float(self.v_orig.norm()),
         }
 
@@ -71,6 +73,7 @@ class EditRecord:
             losses=tuple(meta.get("losses", ())), probs=meta.get("probs", {}),
             timings=meta.get("timings", {}),
             context_templates=tuple(meta.get("context_templates", ())),
+            attn_implementation=meta.get("attn_implementation"),
             **{n: tensors[n] for n in TENSOR_NAMES},
         )
 

@@ -24,10 +24,15 @@ from rome_edit.editing.update import rank_one_update
 from rome_edit.editing.value import loss_layer_of, optimize_value
 from rome_edit.editing.value_batched import optimize_values
 from rome_edit.models.architectures import check_editable, check_layer, get_module, mlp_widths
+from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-Engine = Literal["batched", "simple"]
+# "batched": the batched value engine, with the GPT-J kernel where it applies and agrees;
+# "batched-generic": the same engine on the model's own forward only; "simple": one request at
+# a time, every step a full forward over all prompts (the reference's way).
+Engine = Literal["batched", "batched-generic", "simple"]
+ENGINES: tuple[str, ...] = ("batched", "batched-generic", "simple")
 
 
 class Solver(Protocol):
@@ -60,9 +65,9 @@ def check_request_inputs(lm: LoadedModel, hp: ROMEHyperParams,
             raise ValueError(f"statistics are for layer {prov['layer']} but the edit is at layer "
                              f"{hp.layer}; compute them with 'rome-edit stats --layer {hp.layer}'.")
         identity = prov.get("model_identity")
-        if identity is not None and identity.rsplit("@", 1)[-1] != lm.fingerprint:
-            raise ValueError(f"statistics are for model {prov['model_identity']} but this is "
-                             f"{lm.identity}; compute them for this model with 'rome-edit stats'.")
+        if identity is not None:
+            check_same_model(lm, identity, "the second moment C",
+                             "compute them for this model with 'rome-edit stats'.")
         if prov.get("d_mlp") is not None and int(prov["d_mlp"]) != d_mlp:
             raise ValueError(f"statistics have width {prov['d_mlp']} but this layer's keys have "
                              f"{d_mlp}; they belong to another model.")
@@ -92,14 +97,15 @@ def compute_edits(
     t0 = time.perf_counter()
     prompts = [r.prompt for r in requests]
     subjects = [r.subject for r in requests]
-    if engine not in ("batched", "simple"):
-        raise ValueError(f"unknown engine {engine!r}; use 'batched' or 'simple'.")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {list(ENGINES)}.")
     k_bare, v_bare = keys_and_values(lm, layer, prompts, subjects)
     if engine == "simple":
         k_star = key_stars(lm, layer, prompts, subjects, context_templates)
     t_key = time.perf_counter() - t0
-    if engine == "batched":  # k* comes out of the value pass's first forward
-        values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress)
+    if engine != "simple":  # k* comes out of the value pass's first forward
+        values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress,
+                                 use_kernel=engine == "batched")
         k_star = torch.stack([v.k_star for v in values])
     else:
         values = [optimize_value(lm, r, hp, context_templates) for r in requests]
@@ -120,9 +126,10 @@ def compute_edits(
             lam=upd.lam, update_form=hp.update_form,
             stats=inverse.provenance if use_c else None, losses=val.losses,
             timings={"key_s": t_key / len(requests), "value_s": t_value / len(requests),
-                     "total_s": total / len(requests), "engine": engine,
+                     "total_s": total / len(requests), "engine": engine, "step": val.step,
                      "batch": len(requests)},
             context_templates=tuple(context_templates),
+            attn_implementation=lm.attn_implementation,
         ))
     return records
 

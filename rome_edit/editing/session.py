@@ -64,7 +64,7 @@ def inverse_for(
         return None
     if stats_file is not None:
         _, d_mlp = mlp_widths(lm.model, lm.arch)
-        stats = SecondMoment.load(stats_file, lm.identity, hp.layer, d_mlp)
+        stats = SecondMoment.load(stats_file, lm, hp.layer, d_mlp)
         path = Path(stats_file)
     else:
         spec = corpus or ("bundled" if hp.mom2_dataset == "bundled" else f"hf:{hp.mom2_dataset}")

@@ -44,7 +44,8 @@ FLUENCY_TOKENS = 30
 
 def _manifest(lm: LoadedModel, hp: ROMEHyperParams, templates: Sequence[str],
               inverse: SecondMomentInverse | None, prompt: str) -> dict:
-    return {"model_identity": lm.identity, "layer": hp.layer, "prompt": prompt,
+    return {"model_identity": lm.identity, "attn_implementation": lm.attn_implementation,
+            "layer": hp.layer, "prompt": prompt,
             "hparams": hp.to_dict(), "context_templates": list(templates),
             "stats": inverse.provenance if inverse is not None else None}
 
@@ -53,7 +54,28 @@ def _shard_rows(jsonl: Path) -> list[dict]:
     return [json.loads(line) for line in jsonl.read_text().splitlines() if line]
 
 
-def _check_manifest(out: Path, manifest: dict, workers: Workers) -> None:
+def _differences(existing: dict, manifest: dict, lm: LoadedModel) -> list[str]:
+    """Keys in which a sweep folder's manifest and this run's differ.  Model identities (the
+    sweep's and its statistics') are compared as models, so a sweep begun before the upgrade-
+    proof identities (:mod:`rome_edit.models.identity`) resumes; such a sweep recorded no
+    attention implementation, which then counts as this run's.  Where the statistics file lies
+    is not compared (the cache names files by the model's fingerprint), what it holds is."""
+
+    def normalised(m: dict) -> dict:
+        m = {**m, "model_identity": lm.same_model(m["model_identity"])}
+        m.setdefault("attn_implementation", manifest["attn_implementation"])
+        if isinstance(m.get("stats"), dict):
+            stats = {k: v for k, v in m["stats"].items() if k != "path"}
+            if "model_identity" in stats:
+                stats["model_identity"] = lm.same_model(stats["model_identity"])
+            m["stats"] = stats
+        return m
+
+    old, new = normalised(existing), normalised(manifest)
+    return sorted(k for k in new if old.get(k) != new[k])
+
+
+def _check_manifest(out: Path, manifest: dict, workers: Workers, lm: LoadedModel) -> None:
     """Write ``sweep.json``, or refuse a directory that holds a different sweep."""
     path = out / "sweep.json"
     existed = path.exists()
@@ -62,9 +84,8 @@ def _check_manifest(out: Path, manifest: dict, workers: Workers) -> None:
             stale.unlink(missing_ok=True)
     workers.barrier()  # every process decides on the same state of the folder
     if existed:
-        existing = json.loads(path.read_text())
-        if existing != manifest:
-            diff = sorted(k for k in manifest if existing.get(k) != manifest[k])
+        diff = _differences(json.loads(path.read_text()), manifest, lm)
+        if diff:
             raise ValueError(f"{out} holds a sweep with different {diff}; use another --out "
                              "directory (or delete it) instead of mixing sweeps.")
     elif workers.is_main:
@@ -105,7 +126,7 @@ def run_sweep(
     manifest = {**_manifest(lm, hp, context_templates, inverse, prompt),
                 "batch_size": batch_size,
                 "names_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()}
-    _check_manifest(out, manifest, workers)
+    _check_manifest(out, manifest, workers, lm)
     batches = [list(names[i : i + batch_size]) for i in range(0, len(names), batch_size)]
     todo = [b for b in range(len(batches))
             if workers.owns(b) and not _shard(shard_dir, b).with_suffix(".jsonl").exists()]
@@ -186,6 +207,7 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     summary = {
         "n_edits": len(rows), "layer": manifest["layer"],
         "model_identity": manifest["model_identity"], "prompt": manifest["prompt"],
+        "attn_implementation": manifest.get("attn_implementation"),
         **summarize(rows),
         "seconds": seconds, "seconds_per_edit": seconds / len(rows),
         "wall_seconds_this_run": wall_seconds,

@@ -39,6 +39,7 @@ class ValueResult:
     losses: tuple[float, ...]  # total loss at each evaluation
     nll: tuple[float, ...]  # its NLL part
     k_star: torch.Tensor | None = None  # (d_mlp,) k*, where the engine computed it on the way
+    step: str = "full-forward"  # what computed each step's logits (see editing.suffix_step)
 
     @property
     def v_star(self) -> torch.Tensor:

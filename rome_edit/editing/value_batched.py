@@ -12,7 +12,8 @@ but these facts about the computation are exploited:
 3. Only the logits that the loss reads are computed (the target positions, and ``s`` of the KL
    prompt); on an undispatched GPT-J the step runs :mod:`rome_edit.models.gptj_suffix`, which
    also skips what cannot change inside blocks ``L+1`` and ``v_loss_layer``, runs the KL
-   prompt over its first suffix column only, and keeps the shared prefix once per template.
+   prompt over its first suffix column only, and keeps the shared prefix once per template —
+   once it has agreed with the model's own forward (:mod:`rome_edit.editing.suffix_step`).
 4. The δ = 0 pass (:mod:`rome_edit.editing.prefix_pass`) computes each shared token once, and
    k* (Eq. 3) is read from it, since the text up to ``s`` is exactly ``context + prompt``.
 5. Requests whose loss falls below the early-stop threshold leave the batch.
@@ -28,64 +29,17 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.prefix_pass import FixedPrefix, PromptBatch, prefix_pass
+from rome_edit.editing.prefix_pass import PromptBatch, prefix_pass
 from rome_edit.editing.request import EditRequest, rewriting_layouts
+from rome_edit.editing.suffix_step import step_logits
 from rome_edit.editing.value import EARLY_STOP_LOSS, ValueResult, clamp_, loss_layer_of
-from rome_edit.models.architectures import edit_device, get_module
-from rome_edit.models.gptj_suffix import SuffixGroups, supports_gptj_suffix
-from rome_edit.models.layers import fused_activations, only_blocks
+from rome_edit.models.architectures import edit_device
+from rome_edit.models.layers import fused_activations
 from rome_edit.models.loading import LoadedModel
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the reference uses
-
-
-class _GenericSuffix:
-    """Any supported family: the model's own forward over the suffix, blocks ``L+1 ..
-    v_loss_layer`` only, against the fixed prefix cache; logits gathered at the read columns."""
-
-    def __init__(self, lm: LoadedModel, b: PromptBatch, prefix_kv: list, h_suffix: torch.Tensor,
-                 layer: int, loss_layer: int) -> None:
-        self.lm, self.b, self.h_suffix = lm, b, h_suffix
-        self.layer, self.loss_layer = layer, loss_layer
-        self.kv = list(prefix_kv)  # blocks L+1 .. v_loss_layer
-        self.rows = torch.arange(h_suffix.shape[0], device=h_suffix.device)  # rows kept
-        self.position_offset = None
-        if lm.arch.position_embed:  # the model adds these to inputs_embeds itself
-            embed = get_module(lm.model, lm.arch.position_embed)
-            self.position_offset = embed(b.pos[:, b.P :]).to(h_suffix.device)
-
-    def logits(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        b = self.b
-        if not torch.equal(self.rows, rows):  # names left: drop their rows, a layer at a time
-            pos = torch.searchsorted(self.rows, rows)
-            for i, (k, v) in enumerate(self.kv):
-                self.kv[i] = (k[pos.to(k.device)], v[pos.to(v.device)])
-            self.h_suffix = self.h_suffix[pos]
-            if self.position_offset is not None:
-                self.position_offset = self.position_offset[pos]
-            self.rows = rows
-        cache = DynamicCache()
-        # blocks 0 .. L do not run; their slots only tell the mask code the prefix length
-        slots = [self.kv[0]] * (self.layer + 1) + self.kv if self.kv else []
-        cache.layers = [FixedPrefix(k, v) for k, v in slots]
-        emb = self.h_suffix.clone()
-        emb[:, 0] = emb[:, 0] + delta.to(emb.dtype)
-        if self.layer == self.loss_layer:  # the logit lens at L itself: no block runs
-            final = get_module(self.lm.model, self.lm.arch.final_norm)
-            logits = get_module(self.lm.model, self.lm.arch.lm_head)(final(emb))
-        else:
-            if self.position_offset is not None:
-                emb = emb - self.position_offset
-            with only_blocks(self.lm, self.layer + 1, self.loss_layer + 1):
-                logits = self.lm.model(inputs_embeds=emb, past_key_values=cache,
-                                       attention_mask=b.mask[rows],
-                                       position_ids=b.pos[rows, b.P :], use_cache=True).logits
-        logits = logits.to(delta.device)
-        cols = b.t_cols[rows]
-        return logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 def optimize_values(
@@ -95,24 +49,26 @@ def optimize_values(
     context_templates: Sequence[str],
     chunk_size: int = 64,
     progress: bool = True,
+    use_kernel: bool = True,
 ) -> list[ValueResult]:
     """δ for every request; equal to :func:`rome_edit.editing.value.optimize_value` per request.
 
     ``chunk_size`` requests share one batch (``chunk_size × (len(context_templates) + 1)``
-    rows); lower it to save memory.
+    rows); lower it to save memory.  ``use_kernel=False`` keeps an undispatched GPT-J on the
+    model's own forward instead of the checked kernel (:mod:`rome_edit.editing.suffix_step`).
     """
     results: list[ValueResult] = []
     bar = tqdm(total=len(requests), desc="v* (batched)", unit="edit", disable=not progress)
     with fused_activations(lm.model):
         for start in range(0, len(requests), chunk_size):
             chunk = requests[start : start + chunk_size]
-            results.extend(_optimize_chunk(lm, chunk, hp, context_templates))
+            results.extend(_optimize_chunk(lm, chunk, hp, context_templates, use_kernel))
             bar.update(len(chunk))
     bar.close()
     return results
 
 
-def _optimize_chunk(lm, requests, hp, context_templates) -> list[ValueResult]:
+def _optimize_chunk(lm, requests, hp, context_templates, use_kernel) -> list[ValueResult]:
     layer, loss_layer = hp.layer, loss_layer_of(lm, hp)
     per_request = []
     for req in requests:
@@ -129,13 +85,7 @@ def _optimize_chunk(lm, requests, hp, context_templates) -> list[ValueResult]:
     # k* (Eq. 3): the mean key at s over the rewriting prompts, whose text up to s is exactly
     # context + prompt, so causal attention makes it the key of key.key_stars
     keys = pre.key_at_s.view(n, R, -1)[:, : R - 1].mean(1)
-    if supports_gptj_suffix(lm.model, lm.arch):
-        read_logits = SuffixGroups(lm.model, lm.arch, layer, loss_layer, pre.shared_kv,
-                                   pre.own_kv, pre.h_suffix, b.pos[:, b.P :], b.mask,
-                                   b.t_cols, R).logits
-    else:
-        read_logits = _GenericSuffix(lm, b, pre.prefix_kv(), pre.h_suffix, layer,
-                                     loss_layer).logits
+    read_logits, path = step_logits(lm, b, pre, layer, loss_layer, v_init, use_kernel)
     del pre
 
     delta = torch.zeros_like(v_init)
@@ -175,7 +125,7 @@ def _optimize_chunk(lm, requests, hp, context_templates) -> list[ValueResult]:
         active = idx
         rows = (active[:, None] * R + torch.arange(R, device=dev)).flatten()
     return [ValueResult(v_init[i].cpu(), delta[i].cpu(), tuple(losses[i]), tuple(nlls[i]),
-                        keys[i].cpu()) for i in range(n)]
+                        keys[i].cpu(), path) for i in range(n)]
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from rome_edit.models.compat import output_embedding_name
+
 
 class UnsupportedModelError(ValueError):
     """The model family is not in the table and no templates were given."""
@@ -96,6 +98,11 @@ def detect_architecture(model: nn.Module, **overrides: str) -> Architecture:
     if arch.family == "gpt_neox":
         arch = replace(arch, parallel=bool(getattr(config, "use_parallel_residual", True)))
     names = dict(model.named_modules())
+    if arch.lm_head not in names and "lm_head" not in overrides:
+        # early 5.x releases named GPT-NeoX's unembedding embed_out: ask the model itself
+        head = output_embedding_name(model)
+        if head is not None:
+            arch = replace(arch, lm_head=head)
     for field in ("layers", "embed", "final_norm", "lm_head"):
         if getattr(arch, field) not in names:
             raise UnsupportedModelError(

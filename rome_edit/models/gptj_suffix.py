@@ -26,11 +26,13 @@ this module skips them:
   template, and its scores come from one matrix product per template and head over every
   request's queries, instead of thousands of tiny per-row products.
 
-The arithmetic is GPT-J's own (float32 attention scores, rotary on each head's first
-``rotary_dim`` features, ``1/√head_dim`` scaling, an additive mask) and the modules' own weights
-are used, so nothing is copied.  Tests check the logits against the whole model's forward.
-Used only for an undispatched GPT-J (no accelerate device map); every other case takes the
-generic path.
+The arithmetic is GPT-J's eager attention (float32 attention scores, rotary on each head's
+first ``rotary_dim`` features, ``1/√head_dim`` scaling, an additive mask); the modules' own
+weights, projections, norms, MLPs and rotary table are called, so nothing is copied.  Because it
+mirrors the model's attention it can drift from a future transformers release:
+:mod:`rome_edit.editing.suffix_step` checks it against the model's own forward on its first use
+for a model and falls back to the generic path if it cannot run or disagrees.  Used only for an
+undispatched GPT-J (no accelerate device map); every other case takes the generic path.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from rome_edit.models.architectures import Architecture, get_module
+from rome_edit.models.compat import gptj_sin_cos
 from rome_edit.models.gptj_rotary import apply_rotary
 
 
@@ -102,10 +105,11 @@ class GPTJSuffix:
         self.h_suffix, self.read = h_suffix, read
         self.n_rows, S = positions.shape
         P = mask.shape[1] - S
-        # sin/cos per suffix position, repeated per feature pair as GPT-J does
-        table = get_module(model, arch.attn.format(layer + 1 if self.blocks else layer))
-        sincos = table.embed_positions.to(positions.device)[positions].to(h_suffix.dtype)
-        sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+        # sin/cos per suffix position from the model's own rotary table, repeated per feature
+        # pair as GPT-J does
+        attn = get_module(model, arch.attn.format(layer + 1 if self.blocks else layer))
+        sin, cos = gptj_sin_cos(model, arch.layers.rpartition(".")[0], attn, positions,
+                                h_suffix.dtype)
         self.sin = torch.repeat_interleave(sin[:, None], 2, 3)  # (rows, 1, S, rot)
         self.cos = torch.repeat_interleave(cos[:, None], 2, 3)
         # additive mask (rows, 1, S, P + S): padding anywhere, causal within the suffix

@@ -1,8 +1,8 @@
 """Forward hooks as context managers that always remove themselves.
 
 ``capture`` reads module inputs/outputs; ``edit_output`` rewrites them.  Both accept modules that
-return a plain tensor or a tuple whose first element is the hidden state (transformers 5 returns
-tensors from some decoder blocks and tuples from attention modules).
+return a plain tensor or a tuple whose first element is the hidden state (which depends on the
+family and the transformers release: :mod:`rome_edit.models.compat`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rome_edit.models.architectures import get_module
+from rome_edit.models.compat import first_tensor, replace_first
 
 EditFn = Callable[[torch.Tensor, str], torch.Tensor | None]
 IOEditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,15 +23,6 @@ IOEditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class StopForward(Exception):
     """Raised inside a hook to end a forward pass early (e.g. at the edit layer)."""
-
-
-def first_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
-    """The hidden state of a module output, tuple or not."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def replace_first(output: torch.Tensor | tuple, new: torch.Tensor) -> torch.Tensor | tuple:
-    return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
 @dataclass

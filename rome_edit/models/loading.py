@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +13,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rome_edit.models.architectures import Architecture, detect_architecture, get_module, n_layers
+from rome_edit.models.compat import (
+    ATTENTION_IMPLEMENTATIONS,
+    TRANSFORMERS_VERSION,
+    attention_of,
+    set_attention,
+)
+from rome_edit.models.identity import (
+    LEGACY_DIGITS,
+    fingerprint,
+    fingerprint_of,
+    legacy_fingerprints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +38,8 @@ def bundled_model_path() -> Path:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model, its tokenizer, where its parts are, and a fingerprint of which model it is."""
+    """A model, its tokenizer, where its parts are, and a fingerprint of which model it is
+    (:mod:`rome_edit.models.identity`)."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -40,6 +52,24 @@ class LoadedModel:
         """``name@fingerprint``: what records and statistics are keyed by."""
         return f"{self.name}@{self.fingerprint}"
 
+    @cached_property
+    def legacy_fingerprints(self) -> frozenset[str]:
+        """This model's fingerprints under rome-edit 0.1.0's scheme (computed on first use)."""
+        return legacy_fingerprints(self.model, get_module(self.model, self.arch.embed).weight)
+
+    def same_model(self, recorded: str) -> bool:
+        """Whether an identity read from saved work names this model: its fingerprint, or one
+        of its scheme-1 fingerprints (files written before the upgrade-proof scheme)."""
+        theirs = fingerprint_of(recorded)
+        if theirs == self.fingerprint:
+            return True
+        return len(theirs) == LEGACY_DIGITS and theirs in self.legacy_fingerprints
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention implementation the model runs (recorded with every result)."""
+        return attention_of(self.model)
+
     @property
     def n_layers(self) -> int:
         return n_layers(self.model, self.arch)
@@ -49,31 +79,22 @@ class LoadedModel:
         return get_module(self.model, self.arch.embed).weight.device
 
 
-def fingerprint(model: nn.Module, arch: Architecture) -> str:
-    """Hash of the config and a strided sample of the token embeddings.
-
-    The embeddings are never edited, so a model keeps its fingerprint through ROME edits, while
-    two models with the same config but different weights get different ones.
-    """
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)  # the same weights loaded from another path stay the same
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    embed = get_module(model, arch.embed).weight.detach()
-    if embed.device.type != "meta":
-        sample = embed.flatten()[:: max(1, embed.numel() // 65_536)].float().cpu()
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def wrap_model(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str,
-    templates: dict[str, str] | None = None,
+    templates: dict[str, str] | None = None, attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Wrap an already loaded model (e.g. built in a notebook) without reloading it."""
+    """Wrap an already loaded model (e.g. built in a notebook) without reloading it.
+
+    ``attn_implementation`` (``eager`` or ``sdpa``) switches the model's attention; ``None``
+    keeps what it has (see :attr:`LoadedModel.attn_implementation`).
+    """
     arch = detect_architecture(model, **(templates or {}))
+    if attn_implementation is not None:
+        set_attention(model, attn_implementation)
     model.eval()
     model.requires_grad_(False)  # ROME never trains weights; gradients flow to δ only
-    return LoadedModel(model, tokenizer, arch, name, fingerprint(model, arch))
+    embed = get_module(model, arch.embed).weight
+    return LoadedModel(model, tokenizer, arch, name, fingerprint(model, embed))
 
 
 def load_model(
@@ -84,6 +105,7 @@ def load_model(
     max_memory: dict | None = None,
     templates: dict[str, str] | None = None,
     offload_folder: str | Path | None = None,
+    attn_implementation: str = "eager",
 ) -> LoadedModel:
     """Load a Hugging Face causal LM by hub id or local directory (default: the bundled model).
 
@@ -92,9 +114,17 @@ def load_model(
     "20GiB"}`` splits a model over two GPUs); otherwise the model goes to ``device`` (default
     CPU).  Blocks that accelerate offloads (to ``"cpu"`` beside GPUs, or ``"disk"``) can be read
     through but not edited (see :func:`rome_edit.models.architectures.check_editable`).
+
+    ``attn_implementation`` is stated, not left to the release's default (GPT-J's changed from
+    eager to sdpa in transformers 5.24): ``eager`` is the reference's arithmetic, ``sdpa``
+    PyTorch's fused kernel; both give the same edits and traces within the tolerances tested
+    in ``tests/test_attention.py``.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {attn_implementation!r}; use one "
+                         f"of {list(ATTENTION_IMPLEMENTATIONS)}.")
     if device_map is not None and device is not None:  # refused before any loading
         raise ValueError("give either device or device_map, not both (a device map places "
                          "every block itself).")
@@ -104,7 +134,7 @@ def load_model(
             f"the bundled model is missing at {source}; reinstall rome-edit or train it with "
             "scripts/train_toy_model.py."
         )
-    kwargs: dict = {"dtype": DTYPES[dtype]}
+    kwargs: dict = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory is not None:
@@ -120,7 +150,13 @@ def load_model(
             f"could not load model {source!r}: {err}. Pass a local model directory or a hub id "
             "that is in the local cache (this machine cannot download)."
         ) from None
+    except ValueError as err:
+        if "attention" not in str(err) and "attn_implementation" not in str(err):
+            raise
+        raise ValueError(f"{source} cannot run {attn_implementation!r} attention under "
+                         f"transformers {TRANSFORMERS_VERSION}; use --attn-implementation "
+                         "eager.") from None
     if device_map is None:
         model.to(device or "cpu")
     name = "bundled:toy-gptj" if name_or_path is None else source
-    return wrap_model(model, tokenizer, name, templates)
+    return wrap_model(model, tokenizer, name, templates, attn_implementation)

@@ -1,14 +1,16 @@
 """On-disk cache of second moments: the same request never recomputes.
 
-A request is keyed by everything that determines ``C``: the model (its weight fingerprint, so
-the same weights loaded by hub id or from a local copy share entries), the layer, the corpus id
-(which hashes the corpus text), the accumulation dtype, the requested number of documents and
-the truncation length (the context length unless overridden).  The batch size is not part of
-the key: it changes nothing but float rounding.
-The file name carries a hash of that key.  The cache folder is, in order of precedence, the
-``cache_dir`` argument, the ``ROME_EDIT_CACHE`` environment variable, or
-``~/.cache/rome-edit/stats``.  Files are written atomically (see :meth:`SecondMoment.save`), so
-a run killed mid-write leaves the old state, never a truncated file.
+A request is keyed by everything that determines ``C``: the model (its weight fingerprint, so the
+same weights loaded by hub id or from a local copy share entries), the layer, the corpus id (which
+hashes the corpus text), the accumulation dtype, the requested number of documents and the
+truncation length (the context length unless overridden). The batch size is not part of the key: it
+changes nothing but float rounding. The file name carries a hash of that key. Entries written by
+rome-edit 0.1.0 are keyed by that release's fingerprint (:mod:`rome_edit.models.identity`, scheme
+1); on a miss they are looked up too, and a hit is copied under the current key, so an upgrade never
+recomputes. The cache folder is, in order of precedence, the ``cache_dir`` argument, the
+``ROME_EDIT_CACHE`` environment variable, or ``~/.cache/rome-edit/stats``. Files are written
+atomically (see :meth:`SecondMoment.save`), so a run killed mid-write leaves the old state, never a
+truncated file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rome_edit.distributed import SINGLE, Workers
@@ -30,7 +32,6 @@ from rome_edit.stats.second_moment import (
     StatsFileError,
     compute_second_moment,
     context_length,
-    model_fingerprint,
     stats_dtype,
 )
 
@@ -94,20 +95,20 @@ def cached_second_moment(
     stats_dtype(dtype)
     corpus = corpus if corpus is not None else bundled_corpus()
     max_length = max_length or context_length(lm)
-    key = StatsKey(model_fingerprint(lm.identity), layer, corpus.corpus_id, dtype, n_samples,
-                   max_length)
+    key = StatsKey(lm.fingerprint, layer, corpus.corpus_id, dtype, n_samples, max_length)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / key.filename()
-    if path.exists():
-        try:
-            stats = SecondMoment.load(path, lm.identity, layer)
-        except StatsFileError as err:  # e.g. written by an incompatible version: recompute
-            log.warning("ignoring unusable cache file %s: %s", path, err)
-        else:
-            if stats.corpus_id == key.corpus_id and stats.dtype == dtype:
-                log.info("cache hit: %s", path)
-                return CachedStats(stats, path, True, time.perf_counter() - start)
-            log.warning("cache file %s does not match its key %s; recomputing", path, key)
+    stats = _cached(lm, key, path)
+    if stats is None:  # an entry of rome-edit 0.1.0, keyed by its fingerprint of this model
+        for old in sorted(lm.legacy_fingerprints):
+            legacy = folder / replace(key, model=old).filename()
+            if legacy.exists() and (stats := _cached(lm, key, legacy)) is not None:
+                stats = replace(stats, model_identity=lm.identity)
+                stats.save(path)
+                log.info("copied the cache entry %s to %s (current identity)", legacy, path)
+                break
+    if stats is not None:
+        return CachedStats(stats, path, True, time.perf_counter() - start)
     log.info("cache miss: computing %s", key)
     # A killed run resumes from its partial sum (one checkpoint per process).
     partial = path.with_name(f".{path.stem}.b{batch_size}.r{workers.rank}of"
@@ -119,3 +120,19 @@ def cached_second_moment(
         stats.save(path)
     workers.barrier()
     return CachedStats(stats, path, False, time.perf_counter() - start)
+
+
+def _cached(lm: LoadedModel, key: StatsKey, path: Path) -> SecondMoment | None:
+    """The cache file at ``path`` if it exists and holds ``key``'s statistics of ``lm``."""
+    if not path.exists():
+        return None
+    try:
+        stats = SecondMoment.load(path, lm, key.layer)
+    except StatsFileError as err:  # e.g. written by an incompatible version: recompute
+        log.warning("ignoring unusable cache file %s: %s", path, err)
+        return None
+    if stats.corpus_id != key.corpus_id or stats.dtype != key.dtype:
+        log.warning("cache file %s does not match its key %s; recomputing", path, key)
+        return None
+    log.info("cache hit: %s", path)
+    return stats

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from rome_edit.distributed import SINGLE, Workers
 from rome_edit.models.architectures import check_layer, mlp_widths
 from rome_edit.models.hooks import capture, run_until
+from rome_edit.models.identity import Identified, same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id, right_pad
 from rome_edit.stats.checkpoint import (
@@ -60,15 +61,6 @@ def stats_dtype(name: str) -> torch.dtype:
     if name not in STATS_DTYPES:
         raise ValueError(f"unknown statistics dtype {name!r}; use one of {sorted(STATS_DTYPES)}.")
     return STATS_DTYPES[name]
-
-
-def model_fingerprint(identity: str) -> str:
-    """The fingerprint of a ``name@fingerprint`` identity (the whole string otherwise).
-
-    Statistics match (and are cached) by the fingerprint, not the name: the name records how
-    the model was loaded (a hub id, a path), the fingerprint which config and weights it has.
-    """
-    return identity.rsplit("@", 1)[-1]
 
 
 class SecondMomentAccumulator:
@@ -160,11 +152,15 @@ class SecondMoment:
         low, high = self.eigenvalue_range()
         return high / low if low > 0 else math.inf
 
-    def check_matches(self, model_identity: str | None = None, layer: int | None = None,
+    def check_matches(self, model: str | Identified | None = None, layer: int | None = None,
                       d_mlp: int | None = None, source: str = "these statistics") -> None:
-        """Raise :class:`StatsMismatchError` unless these are stats of that model/layer/width."""
-        wrong_model = model_identity is not None and (
-            model_fingerprint(model_identity) != model_fingerprint(self.model_identity))
+        """Raise :class:`StatsMismatchError` unless these are stats of that model/layer/width.
+
+        ``model`` is a loaded model (which also recognises its identities of rome-edit 0.1.0,
+        :mod:`rome_edit.models.identity`) or an identity string; the fingerprint decides, the
+        name (how it was loaded) does not."""
+        wrong_model = model is not None and not same_model(model, self.model_identity)
+        model_identity = model if isinstance(model, str) or model is None else model.identity
         wrong_layer = layer is not None and layer != self.layer
         if wrong_model or wrong_layer:
             raise StatsMismatchError(
@@ -194,11 +190,11 @@ class SecondMoment:
         return saved
 
     @classmethod
-    def load(cls, path: str | Path, model_identity: str | None = None, layer: int | None = None,
-             d_mlp: int | None = None) -> SecondMoment:
+    def load(cls, path: str | Path, model: str | Identified | None = None,
+             layer: int | None = None, d_mlp: int | None = None) -> SecondMoment:
         """Read a file written by :meth:`save`; with expectations given, check them too."""
         stats = _read(Path(path))
-        stats.check_matches(model_identity, layer, d_mlp, source=f"{path}")
+        stats.check_matches(model, layer, d_mlp, source=f"{path}")
         return stats
 
 
@@ -303,7 +299,7 @@ def compute_second_moment(
     accumulator = SecondMomentAccumulator(d_mlp, dtype)
     documents = itertools.islice(tokenize_documents(corpus, tokenizer, max_length), n_samples)
     identity = PassIdentity(
-        f"{model_fingerprint(lm.identity)}|{layer}|{corpus.corpus_id}|{dtype}|{n_samples}|"
+        f"{lm.fingerprint}|{layer}|{corpus.corpus_id}|{dtype}|{n_samples}|"
         f"{max_length}", batch_size, workers.rank, workers.world_size)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     resumed = load_checkpoint(checkpoint, identity) if checkpoint else EMPTY

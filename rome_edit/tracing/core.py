@@ -10,7 +10,6 @@ that state is ``IE = p_restored âˆ’ p_corrupt``; the total effect is ``p_clean â
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -116,10 +115,6 @@ def prepare_prompt(
     tokens = tuple(lm.tokenizer.decode([i]) for i in span.input_ids)
     return TracePrompt(template, subject, span.prompt, ids, span.start, span.end, tokens,
                        answer, answer_id)
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def answer_probability(logits: torch.Tensor, answer_id: int, n_copies: int) -> torch.Tensor:

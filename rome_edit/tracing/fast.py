@@ -50,12 +50,12 @@ from dataclasses import dataclass
 import torch
 
 from rome_edit.models.architectures import mlp_widths
+from rome_edit.models.compat import accepts_logits_to_keep, cache_kwargs
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.tracing.core import (
     Kind,
     TracePrompt,
-    accepts_logits_to_keep,
     module_name,
     restore_edits,
     restored_layers,
@@ -170,7 +170,8 @@ def _run_pass(lm: LoadedModel, items: Sequence[FastItem], cells: Sequence[GroupC
     ids = torch.cat([m.tp.input_ids[:, offset:].expand(n_copies, -1) for m in members])
     kwargs: dict = {"input_ids": ids}
     if offset:
-        kwargs["past_key_values"] = prefix_cache([m.corrupted for m in members], offset, below)
+        kwargs |= cache_kwargs(lm.model, prefix_cache([m.corrupted for m in members], offset,
+                                                      below))
         kwargs["use_cache"] = True
     if accepts_logits_to_keep(lm.model):
         kwargs["logits_to_keep"] = 1

@@ -18,7 +18,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from rome_edit.models.architectures import get_module
-from rome_edit.models.hooks import capture, first_tensor, replace_first
+from rome_edit.models.compat import first_tensor, output_cache, replace_first
+from rome_edit.models.hooks import capture
 from rome_edit.models.loading import LoadedModel
 from rome_edit.tracing.core import TracePrompt, answer_probability
 from rome_edit.tracing.noise import corrupt_subject
@@ -84,7 +85,7 @@ def corrupted_pass(lm: LoadedModel, tp: TracePrompt, noise: torch.Tensor) -> Cor
     finally:
         for handle in handles:
             handle.remove()
-    kv = _prefix_cache(lm, out.past_key_values, tp.n_tokens)
+    kv = _prefix_cache(lm, output_cache(out), tp.n_tokens)
     p_corrupt = answer_probability(out.logits, tp.answer_id, n_copies).item()
     states = {k: tuple(rec.outputs[templates[k].format(layer)] for layer in range(n_layers))
               for k in folded}
