@@ -23,39 +23,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from rome_edit.editing.request import PromptLayout
 from rome_edit.models.architectures import get_module
-from rome_edit.models.compat import cache_kwargs, output_cache
+from rome_edit.models.compat import (
+    FixedPrefix,
+    GrowingPrefix,
+    cache_kwargs,
+    cache_of,
+    empty_cache_layer,
+    output_cache,
+)
 from rome_edit.models.hooks import capture
 from rome_edit.models.layers import only_blocks
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id
-
-
-class FixedPrefix(DynamicLayer):
-    """A cache layer holding a fixed prefix: attention sees prefix + new tokens, nothing is
-    stored, so the same prefix serves every optimisation step without copies or crops."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return (torch.cat([self.keys.to(key_states.device), key_states], dim=-2),
-                torch.cat([self.values.to(value_states.device), value_states], dim=-2))
-
-
-class GrowingPrefix(FixedPrefix):
-    """A cache layer that starts from a given prefix and keeps what is appended."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.keys, self.values = super().update(key_states, value_states)
-        return self.keys, self.values
 
 
 def shared_length(rows: Sequence[PromptLayout]) -> int:
@@ -148,19 +130,17 @@ def prefix_pass(lm: LoadedModel, b: PromptBatch, layer: int, loss_layer: int) ->
         shared = [(lay.keys, lay.values)
                   for lay in list(output_cache(out).layers)[: loss_layer + 1]]
 
-    def cache(g: torch.Tensor, growing: range) -> DynamicCache:
+    def cache(g: torch.Tensor, growing: range):
         """Rows ``g``'s cache for the blocks in ``growing``, each layer starting from its
         template's shared tokens; a layer below them does not run, and only tells the mask code
         the prefix length (C), so it is a view, not a copy."""
-        c = DynamicCache()
         if shared is None:
-            c.layers = [DynamicLayer() for _ in range(growing.stop)]
-            return c
+            return cache_of([empty_cache_layer() for _ in range(growing.stop)])
         idx = template[g]
-        c.layers = [GrowingPrefix(*(t[idx.to(t.device)] for t in shared[i])) if i in growing
-                    else FixedPrefix(*(t[:1].expand(len(g), *t.shape[1:]) for t in shared[0]))
-                    for i in range(growing.stop)]
-        return c
+        return cache_of([
+            GrowingPrefix(*(t[idx.to(t.device)] for t in shared[i])) if i in growing
+            else FixedPrefix(*(t[:1].expand(len(g), *t.shape[1:]) for t in shared[0]))
+            for i in range(growing.stop)])
 
     h_suffix = value_at_s = key_at_s = None
     own_kv: list[list[torch.Tensor | None]] = [[None, None] for _ in range(loss_layer - layer)]

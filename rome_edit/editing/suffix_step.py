@@ -27,11 +27,10 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from rome_edit.editing.prefix_pass import FixedPrefix, PrefixPass, PromptBatch
+from rome_edit.editing.prefix_pass import PrefixPass, PromptBatch
 from rome_edit.models.architectures import get_module
-from rome_edit.models.compat import cache_kwargs
+from rome_edit.models.compat import FixedPrefix, cache_kwargs, cache_of
 from rome_edit.models.gptj_suffix import SuffixGroups, supports_gptj_suffix
 from rome_edit.models.layers import only_blocks
 from rome_edit.models.loading import LoadedModel
@@ -76,8 +75,7 @@ class GenericSuffix:
             self.rows = rows
         # blocks 0 .. L do not run; their cache slots only tell the mask code the prefix length
         slots = [self.kv[0]] * (self.layer + 1) + self.kv if self.kv else []
-        cache = DynamicCache()
-        cache.layers = [FixedPrefix(k, v) for k, v in slots]
+        cache = cache_of([FixedPrefix(k, v) for k, v in slots])
         emb = self.h_suffix.clone()
         emb[:, 0] = emb[:, 0] + delta.to(emb.dtype)
         if self.layer == self.loss_layer:  # the logit lens at L itself: no block runs

@@ -8,6 +8,10 @@ one file to read:
 * **The cache keyword.**  5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the
   old name is deprecated, removal announced for 5.40) and the output field likewise.
   :func:`cache_kwargs` and :func:`output_cache` ask the model which one it takes.
+* **Cache layers.**  The batched engine hands the model a fixed attention prefix as a cache whose
+  layers return prefix + new keys without storing them (:class:`FixedPrefix`), or keep what is
+  appended (:class:`GrowingPrefix`); both extend ``DynamicLayer`` and are put together by
+  :func:`cache_of`, so a change of the cache-layer protocol is mended here.
 * **Block outputs.**  Decoder blocks return a tuple ``(hidden, ...)`` in older releases and a
   plain tensor in newer ones (GPT-J's since 5.24); attention modules still return tuples.
   :func:`first_tensor` / :func:`replace_first` accept both.
@@ -34,6 +38,8 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -70,6 +76,41 @@ def output_cache(output: Any) -> Any:
     """The cache a forward pass returned, under either field name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+class FixedPrefix(DynamicLayer):
+    """A cache layer holding a fixed prefix: attention sees prefix + new tokens, nothing is
+    stored, so the same prefix serves every optimisation step without copies or crops."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (torch.cat([self.keys.to(key_states.device), key_states], dim=-2),
+                torch.cat([self.values.to(value_states.device), value_states], dim=-2))
+
+
+class GrowingPrefix(FixedPrefix):
+    """A cache layer that starts from a given prefix and keeps what is appended."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = super().update(key_states, value_states)
+        return self.keys, self.values
+
+
+def empty_cache_layer() -> DynamicLayer:
+    """A cache layer that starts empty and keeps what is appended."""
+    return DynamicLayer()
+
+
+def cache_of(layers: list[DynamicLayer]) -> DynamicCache:
+    """A cache made of the given layers, one per block."""
+    cache = DynamicCache()
+    cache.layers = list(layers)
+    return cache
 
 
 def attention_of(model: nn.Module) -> str:
