@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
-from rome_edit.data.names import load_names
 from rome_edit.editing.evaluate import evaluate_edits, summarize
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.models.loading import load_model
+from rome_edit.study.names import load_names
+from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 
 
 def main() -> None:
@@ -68,6 +68,7 @@ def main() -> None:
               f"{seconds['plain'][-1] / seconds['batched'][-1]:.2f}", flush=True)
     t_plain, t_fast = (statistics.median(seconds[k]) for k in ("plain", "batched"))
     plain_records, fast = records["plain"], records["batched"]
+    pool = [e.name for e in load_names()]
     rel = [((a.delta - b.delta).norm() / a.delta.norm()).item()
            for a, b in zip(plain_records, fast)]
     result = {
@@ -81,9 +82,9 @@ def main() -> None:
         "round_speedups": [a / b for a, b in zip(seconds["plain"], seconds["batched"])],
         "max_relative_delta_difference": max(rel),
         "median_relative_delta_difference": sorted(rel)[len(rel) // 2],
-        "plain_efficacy": summarize(evaluate_edits(lm, plain_records, load_names(),
+        "plain_efficacy": summarize(evaluate_edits(lm, plain_records, pool,
                                                    progress=False))["efficacy"],
-        "batched_efficacy": summarize(evaluate_edits(lm, fast, load_names(), progress=False))[
+        "batched_efficacy": summarize(evaluate_edits(lm, fast, pool, progress=False))[
             "efficacy"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
-from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
-from rome_edit.data.names import load_names
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
 from rome_edit.editing.session import context_templates_for, default_hparams
 from rome_edit.models.loading import load_model, wrap_model
+from rome_edit.study.names import load_names
+from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 
 
 def deep_gptj(tokenizer, seed: int = 0):

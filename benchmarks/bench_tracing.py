@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from rome_edit.data.names import load_names
 from rome_edit.models.loading import load_model
-from rome_edit.tracing.average import DEFAULT_MIN_EFFECT, balanced_names, locate
+from rome_edit.study.names import balanced_names, load_names
+from rome_edit.study.task import gender_cases
+from rome_edit.tracing.average import DEFAULT_MIN_EFFECT, locate
 
 TEMPLATE = "Name: {}. Gender:"
 TOLERANCE = 1e-5
@@ -30,7 +31,7 @@ TOLERANCE = 1e-5
 
 def run(args: argparse.Namespace) -> dict:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    entries = balanced_names(load_names(split="edit"), args.n)
+    entries = gender_cases(balanced_names(load_names(split="edit"), args.n))
     timings, results = {}, {}
     for method in ("fast", "plain"):
         started = time.perf_counter()

@@ -1,8 +1,9 @@
-"""Atomic file writes: a temporary file in the same folder, then ``os.replace``.
+"""Atomic file writes: a temporary file in the same folder, then ``os.replace``; and reading one
+tensor of a safetensors file with its header.
 
 A run killed at any moment leaves either the old file or the new one, never a truncated file,
 and no temporary file survives a failed write.  Used by every store rome-edit writes (sweep
-shards and merged stores, statistics, gender vectors).
+shards and merged stores, statistics, concept vectors).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -53,3 +55,13 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                         metadata: dict[str, str] | None = None) -> Path:
     """``safetensors.torch.save_file``, atomically."""
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_tensor_entry(path: str | Path, name: str
+                      ) -> tuple[dict[str, str], list[str], torch.Tensor | None]:
+    """``(header metadata, tensor names, tensor `name` or None)`` of a safetensors file, in one
+    open (nothing is unpickled).  Raises ``SafetensorError``/``OSError`` for an unreadable
+    file; callers turn them into messages that say what to re-create."""
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        return f.metadata() or {}, names, f.get_tensor(name) if name in names else None

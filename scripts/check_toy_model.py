@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rome_edit.data.names import load_names
-from rome_edit.models.knowledge import knowledge_report
 from rome_edit.models.loading import load_model
+from rome_edit.study.knowledge import knowledge_report
+from rome_edit.study.names import load_names
 
 
 def main() -> None:

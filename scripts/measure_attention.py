@@ -17,12 +17,12 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
-from rome_edit.data.names import load_names
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
 from rome_edit.editing.session import context_templates_for, default_hparams
 from rome_edit.models.loading import load_model
+from rome_edit.study.names import load_names
+from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 from rome_edit.tracing.noise import resolve_noise
 from rome_edit.tracing.trace import trace
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from rome_edit.data.gender_task import EDIT_PROMPT
-from rome_edit.data.names import load_names
 from rome_edit.editing.evaluate import last_tokens, neighbours
 from rome_edit.editing.key import key_stars, keys_and_values
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.models.loading import load_model
+from rome_edit.study.names import load_names
+from rome_edit.study.task import EDIT_PROMPT
 
 
 def _summary(values: list[float]) -> dict:
@@ -44,8 +44,9 @@ def main() -> None:
     lm = load_model()
     names = load_names()
     edited = [e.name for e in load_names(split="edit")[: args.n]]
-    last = last_tokens(lm.tokenizer, [e.name for e in names])
-    split = {s: neighbours(s, names, last) for s in edited}
+    pool = [e.name for e in names]
+    last = last_tokens(lm.tokenizer, EDIT_PROMPT, pool)
+    split = {s: neighbours(s, pool, last) for s in edited}
     result = {"n_edited": len(edited), "prompt": EDIT_PROMPT, "layers": {}}
     for layer in args.layers:
         hp = default_hparams(lm, layer=layer)

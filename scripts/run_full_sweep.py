@@ -16,11 +16,11 @@ import json
 import shutil
 from pathlib import Path
 
-from rome_edit.analysis.experiment import analyze
-from rome_edit.data.names import load_names
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
-from rome_edit.editing.sweep import run_sweep
 from rome_edit.models.loading import load_model
+from rome_edit.study.experiment import analyze_gender as analyze
+from rome_edit.study.names import load_names
+from rome_edit.study.sweep import run_gender_sweep
 
 
 def main() -> None:
@@ -33,8 +33,8 @@ def main() -> None:
     templates = context_templates_for(lm, hp, seed=0)
     inverse = inverse_for(lm, hp)
     names = load_names()
-    summary = run_sweep(lm, [e for e in names if e.split == "edit"], hp, templates, args.out,
-                        inverse, neighbour_names=names)
+    summary = run_gender_sweep(lm, [e for e in names if e.split == "edit"], hp, templates,
+                               args.out, inverse, neighbour_names=names)
     if not args.keep_shards:
         shutil.rmtree(args.out / "shards", ignore_errors=True)
     analysis = analyze(args.out, args.out / "analysis", lm,

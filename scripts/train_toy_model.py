@@ -22,7 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
-from rome_edit.data.corpus import (
+from rome_edit.models.scoring import choose_between
+from rome_edit.study.corpus import (
     CITIES,
     PROFESSIONS,
     Person,
@@ -30,8 +31,7 @@ from rome_edit.data.corpus import (
     iter_documents,
     person_documents,
 )
-from rome_edit.data.names import GENDERS, NameEntry, load_names
-from rome_edit.models.scoring import choose_between
+from rome_edit.study.names import GENDERS, NameEntry, load_names
 
 EOS = "<|endoftext|>"
 log = logging.getLogger("train_toy_model")

@@ -13,12 +13,18 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from rome_edit.analysis.box_vector import make_gender_vector, optimise_box_vector
+from rome_edit.analysis.box_vector import make_concept_vector, optimise_box_vector
 from rome_edit.analysis.classifier import (
     LinearProbe,
     cross_validate,
     fit_linear_probe,
     train_classifier,
+)
+from rome_edit.analysis.concept_vector import (
+    ConceptVector,
+    ConceptVectorError,
+    load_concept_vector,
+    save_concept_vector,
 )
 from rome_edit.analysis.deltas import DeltaSet, DeltaSetError, concat, load_delta_set
 from rome_edit.analysis.directions import (
@@ -28,12 +34,6 @@ from rome_edit.analysis.directions import (
     erasure_check,
     fit_leace,
     mean_difference,
-)
-from rome_edit.analysis.gender_vector import (
-    GenderVector,
-    GenderVectorError,
-    load_gender_vector,
-    save_gender_vector,
 )
 from rome_edit.analysis.inlp import inlp
 from rome_edit.analysis.plots import (
@@ -109,35 +109,35 @@ def test_box_optimiser_respects_bounds_and_reaches_sign_w():
 def test_gender_vector_scales():
     ds, _ = synthetic()
     clf = train_classifier(ds)
-    raw = make_gender_vector(ds, clf, "raw")
+    raw = make_concept_vector(ds, clf, "raw")
     assert raw.scale == 1.0 and raw.norm == pytest.approx(np.sqrt(ds.width))
     torch.testing.assert_close(raw.vector.double(), torch.sign(clf.weights).float().double())
-    matched = make_gender_vector(ds, clf, "mean-norm")
+    matched = make_concept_vector(ds, clf, "mean-norm")
     assert matched.norm == pytest.approx(ds.mean_norm, rel=1e-5)
     double = matched.rescaled(2.0)
     assert double.scale_mode == "multiple" and double.multiple == pytest.approx(2.0, rel=1e-5)
     torch.testing.assert_close(double.raw, raw.vector)
     for bad in (0.0, -1.0, float("nan"), "large"):
-        with pytest.raises(GenderVectorError):
+        with pytest.raises(ConceptVectorError):
             matched.rescaled(bad)
 
 
 def test_gender_vector_file_round_trip_and_bad_files(tmp_path):
     ds, _ = synthetic()
-    vec = make_gender_vector(ds, train_classifier(ds), 1.5)
-    path = save_gender_vector(vec, tmp_path / "vectors" / "gender.safetensors")
-    back = load_gender_vector(path, expected_width=ds.width)
+    vec = make_concept_vector(ds, train_classifier(ds), 1.5)
+    path = save_concept_vector(vec, tmp_path / "vectors" / "gender.safetensors")
+    back = load_concept_vector(path, expected_width=ds.width)
     assert torch.equal(back.vector, vec.vector)
     for field in ("scale_mode", "scale", "raw_norm", "model_identity", "layer",
                   "classifier_test_accuracy", "mean_delta_norm"):
         assert getattr(back, field) == getattr(vec, field)
     back.check_compatible(MODEL, 1, ds.width)
     assert back.to_json()["norm"] == pytest.approx(1.5 * ds.mean_norm, rel=1e-5)
-    with pytest.raises(GenderVectorError, match="width"):
-        load_gender_vector(path, expected_width=ds.width + 1)
-    with pytest.raises(GenderVectorError, match="layer 1, not 2"):
+    with pytest.raises(ConceptVectorError, match="width"):
+        load_concept_vector(path, expected_width=ds.width + 1)
+    with pytest.raises(ConceptVectorError, match="layer 1, not 2"):
         back.check_compatible(MODEL, 2, ds.width)
-    with pytest.raises(GenderVectorError, match="model"):
+    with pytest.raises(ConceptVectorError, match="model"):
         back.check_compatible("other@ffff", 1, ds.width)
 
     # A pickle offered as a vector is refused without being unpickled.
@@ -149,22 +149,22 @@ def test_gender_vector_file_round_trip_and_bad_files(tmp_path):
 
     bad = tmp_path / "vector.pt"
     bad.write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(GenderVectorError, match="pickle"):
-        load_gender_vector(bad)
+    with pytest.raises(ConceptVectorError, match="pickle"):
+        load_concept_vector(bad)
     assert not marker.exists()
     torch.save({"vector": vec.vector}, tmp_path / "zip.pt")
-    with pytest.raises(GenderVectorError, match="never unpickles"):
-        load_gender_vector(tmp_path / "zip.pt")
+    with pytest.raises(ConceptVectorError, match="never unpickles"):
+        load_concept_vector(tmp_path / "zip.pt")
     (tmp_path / "text.safetensors").write_text("not a tensor file at all")
-    with pytest.raises(GenderVectorError, match="not a safetensors file"):
-        load_gender_vector(tmp_path / "text.safetensors")
+    with pytest.raises(ConceptVectorError, match="not a safetensors file"):
+        load_concept_vector(tmp_path / "text.safetensors")
     save_file({"vector": torch.ones(3)}, str(tmp_path / "bare.safetensors"))
-    with pytest.raises(GenderVectorError, match="format"):
-        load_gender_vector(tmp_path / "bare.safetensors")
+    with pytest.raises(ConceptVectorError, match="format"):
+        load_concept_vector(tmp_path / "bare.safetensors")
     with pytest.raises(FileNotFoundError):
-        load_gender_vector(tmp_path / "missing.safetensors")
-    with pytest.raises(GenderVectorError, match="NaN"):
-        GenderVector(torch.tensor([1.0, float("nan")]), "raw", 1.0, 1.0, MODEL, 1, 1.0, 1.0)
+        load_concept_vector(tmp_path / "missing.safetensors")
+    with pytest.raises(ConceptVectorError, match="NaN"):
+        ConceptVector(torch.tensor([1.0, float("nan")]), "raw", 1.0, 1.0, MODEL, 1, 1.0, 1.0)
 
 
 def test_leace_erasure_leaves_a_probe_at_chance():
@@ -220,7 +220,7 @@ def test_delta_set_bad_input_is_refused():
         concat([ds, synthetic(n=20, model="gpt2@ffffffffffff")[0]])
     assert concat([ds, synthetic(n=10, seed=1)[0]]).n == 30
     one_class = ds.subset(ds.labels == 1)
-    with pytest.raises(DeltaSetError, match="each edit direction"):
+    with pytest.raises(DeltaSetError, match="each label"):
         train_classifier(one_class)
     bad = ds.deltas.clone()
     bad[3, 0] = float("inf")

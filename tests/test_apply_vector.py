@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from rome_edit.analysis.apply_vector import VectorApplier, random_directions
-from rome_edit.data.names import NameEntry
 from rome_edit.editing.apply import add_rank_one, preserved
+from rome_edit.editing.vector_edit import VectorApplier, random_directions
+from rome_edit.study.experiment import gender_applier
+from rome_edit.study.names import NameEntry
+from rome_edit.study.task import GENDER_TASKS
 
 NAMES = [NameEntry("Brittany", "female"), NameEntry("David", "male"),
          NameEntry("Margaret", "female"), NameEntry("Robert", "male")]
@@ -14,7 +16,7 @@ CTX = ["{}", "The weather was cold. {}"]
 
 @pytest.fixture
 def applier(tiny_gptj):
-    return VectorApplier(tiny_gptj, 1, NAMES, CTX, inverse=None)
+    return gender_applier(tiny_gptj, 1, NAMES, CTX, inverse=None)
 
 
 def test_weights_mode_equals_real_rank_one_edits(tiny_gptj, applier):
@@ -39,11 +41,12 @@ def test_plus_then_minus_restores_prediction(tiny_gptj, applier):
         add_rank_one(tiny_gptj, 1, u_minus[0], lam_minus[0])
         torch.testing.assert_close(applier.answer_logits(None), base, rtol=1e-4, atol=1e-4)
     for mode in ("weights", "activations"):
-        assert torch.equal(applier.predict_male(vec * 0, mode), applier.predict_male(None))
+        assert torch.equal(applier.predict_b(vec * 0, mode), applier.predict_b(None))
 
 
 def test_paper_form_writes_v_star_at_k_star(tiny_gptj):
-    applier = VectorApplier(tiny_gptj, 1, NAMES, CTX, inverse=None, update_form="paper")
+    applier = VectorApplier(tiny_gptj, 1, [e.name for e in NAMES], [1, 0, 1, 0], GENDER_TASKS,
+                            CTX, inverse=None, update_form="paper")
     vec = random_directions(applier.v_orig.shape[1], 2.0, [2])[0]
     u, lam = applier.update_for(vec)
     from rome_edit.models.architectures import get_module
@@ -62,4 +65,4 @@ def test_zero_vector_changes_nothing_and_bad_width(applier):
     with pytest.raises(ValueError, match="wide"):
         applier.answer_logits(torch.zeros(7))
     table = applier.flip_table(torch.zeros(applier.v_orig.shape[1]))
-    assert table.n_female == 2 and table.n_male == 2
+    assert table.n_label1 == 2 and table.n_label0 == 2

@@ -92,6 +92,30 @@ CASES: dict[str, tuple[list[str], str, str]] = {
                             "{d}/out"], "was made on tiny@0123", "pass --model"),
     "vector-pickle": (["apply", "--vector", "{d}/vec.pt", "--out", "{d}/out"],
                       "looks like a zip archive", "never unpickles"),
+    "calibrate-out-not-json": (["calibrate", "--out", "{d}/out"], r"must be a \.json file path",
+                               "such as hparams.json"),
+    "calibrate-prompt-needs-answers": (["calibrate", "--prompt", "{} said that", "--out",
+                                        "{d}/out/hp.json"],
+                                       "give the answers of female and male names",
+                                       "--answers ' she' ' he'"),
+    "calibrate-grid-bad-value": (["calibrate", "--clamps", "0", "--out", "{d}/out/hp.json"],
+                                 "clamps must be positive numbers", "e.g. 4 8 12"),
+    "calibrate-too-few-names": (["calibrate", "--names", "{d}/few.csv", "--out",
+                                 "{d}/out/hp.json"], "--n 32 needs 16 female names but the "
+                                "names file has 1", "lower --n or add names"),
+    "lens-target-multi-token": (["lens", "--prompt", "Name: Anna. Gender:", "--target",
+                                 " Femaleness", "--out", "{d}/out"],
+                                "is 7 tokens .* but one token is required",
+                                "choose an answer that the tokenizer keeps whole"),
+    "lens-vector-without-subject": (["lens", "--prompt", "Name: Anna. Gender:", "--vector",
+                                     "{d}/vec-other.safetensors", "--out", "{d}/out"],
+                                    "--vector needs --subject", "the name in --prompt"),
+    "neurons-layers-not-integers": (["neurons", "--prompt", "Name: {}. Gender:", "--subject",
+                                     "Anna", "--layers", "one", "--out", "{d}/out"],
+                                    "--layers 'one' must be comma-separated integers",
+                                    "e.g. 0,1,2"),
+    "linearize-layer-out-of-range": (["linearize", "--layer", "9", "--out", "{d}/out"],
+                                     "--layer 9 is out of range", r"0\.\.5"),
     "sweep-store-other-run": (["sweep", "--limit", "2", "--layer", "2", "--hparams",
                                "{d}/hp.json", "--context-templates", "{d}/ctx.json", "--out",
                                "{d}/store"], r"holds a sweep with different \['hparams', "
@@ -125,6 +149,7 @@ def files(tmp_path_factory, tokenizer):
     (d / "dup.csv").write_text("name,gender\nAnna,female\nAnna,female\n")
     (d / "gap.csv").write_text("name,gender\nAnna,female\n\nBob,male\n")
     (d / "label.csv").write_text("name,gender\nAnna,feminine\n")
+    (d / "few.csv").write_text("name,gender\nAnna,female\nBob,male\n")
     (d / "latin1.csv").write_bytes("name,gender\nRené,male\n".encode("latin-1"))
     (d / "hp.json").write_text(json.dumps({"layers": [1], "v_loss_layer": 5,
                                            "v_num_grad_steps": 2, "mom2_adjustment": False}))

@@ -57,6 +57,40 @@ def test_batched_equals_one_at_a_time(tokenizer, family):
         assert (f.k_star - k_star).norm() / k_star.norm() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["gptj", "llama"])
+@pytest.mark.parametrize("clamp", [4.0, 0.05])
+def test_shared_loop_equals_the_reference_loop(tokenizer, family, clamp):
+    """Both engines run value_loop's Adam/KL/clamp; a literal torch.optim.Adam transcription of
+    the reference (tests/reference_value.py) is the independent ground truth."""
+    from conftest import make_tiny
+    from reference_value import reference_value
+
+    lm = make_tiny(family, tokenizer)
+    hp = hp_for(lm, clamp_norm_factor=clamp)
+    fast = optimize_values(lm, REQS, hp, CTX, progress=False)
+    for req, f in zip(REQS, fast):
+        v_init, delta, losses = reference_value(lm, req, hp, CTX)
+        plain = optimize_value(lm, req, hp, CTX)
+        for ours in (plain, f):
+            assert len(ours.losses) == len(losses)
+            assert torch.allclose(torch.tensor(ours.losses), torch.tensor(losses), rtol=1e-5)
+            assert (ours.v_init - v_init).norm() / v_init.norm() < 1e-5
+            assert (ours.delta - delta).norm() / delta.norm() < 1e-5
+
+
+def test_early_stop_threshold_is_a_parameter(tiny_gptj):
+    """A threshold above every loss stops at the first evaluation; ``early_stop_loss=0`` holds
+    every request to the full step count (the loss is never negative; benchmarks use it)."""
+    hp = hp_for(tiny_gptj, v_num_grad_steps=12)
+    for kw in ({}, {"early_stop_loss": 0.0}):
+        assert all(len(r.losses) == 12
+                   for r in optimize_values(tiny_gptj, REQS, hp, CTX, progress=False, **kw))
+    at_once = optimize_values(tiny_gptj, REQS, hp, CTX, progress=False, early_stop_loss=1e9)
+    assert all(len(r.losses) == 1 and r.delta.abs().max() == 0 for r in at_once)
+    assert len(optimize_value(tiny_gptj, REQS[0], hp, CTX, early_stop_loss=1e9).losses) == 1
+    assert len(optimize_value(tiny_gptj, REQS[0], hp, CTX, early_stop_loss=0.0).losses) == 12
+
+
 def test_early_stop_and_clamp(tiny_gptj):
     lm = tiny_gptj
     hp = hp_for(lm, v_num_grad_steps=40, clamp_norm_factor=0.5, v_lr=2.0)
@@ -208,20 +242,25 @@ def test_bad_inputs_leave_weights_untouched(tiny_gptj):
 
 
 def test_batched_evaluation_equals_real_weight_edits(tiny_gptj):
-    from rome_edit.data.names import NameEntry
     from rome_edit.editing.evaluate import evaluate_edits
+    from rome_edit.study.names import NameEntry
+    from rome_edit.study.task import CITY_FACT, gender_requests
 
     lm = tiny_gptj
     names = [NameEntry("Brittany", "female"), NameEntry("David", "male"),
              NameEntry("Christopher", "male"), NameEntry("Margaret", "female"),
              NameEntry("Robert", "male"), NameEntry("Stephany", "female")]
-    records = compute_edits(lm, REQS, hp_for(lm, v_num_grad_steps=10, clamp_norm_factor=10),
+    records = compute_edits(lm, gender_requests(names[:3]),
+                            hp_for(lm, v_num_grad_steps=10, clamp_norm_factor=10),
                             CTX, progress=False)
-    batched = evaluate_edits(lm, records, names, n_same_last=2, n_random=2, progress=False)
+    pool = [e.name for e in names]
+    batched = evaluate_edits(lm, records, pool, [CITY_FACT], n_same_last=2, n_random=2,
+                             progress=False)
+    assert all(s.paraphrase is not None and "city" in s.kept for s in batched)
     for rec, score in zip(records, batched):
         # one edit at a time, written into the weights
-        (alone,) = evaluate_edits(lm, [rec], names, n_same_last=2, n_random=2, chunk=1,
-                                  progress=False)
+        (alone,) = evaluate_edits(lm, [rec], pool, [CITY_FACT], n_same_last=2, n_random=2,
+                                  chunk=1, progress=False)
         with applied(lm, [rec]):
             from rome_edit.models.scoring import next_token_logprobs
             lp = next_token_logprobs(lm.model, lm.tokenizer, ["Name: " + rec.request.subject +

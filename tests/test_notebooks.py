@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from rome_edit.analysis.gender_vector import load_gender_vector
+from rome_edit import load_concept_vector
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -105,9 +105,10 @@ def test_gender_vector_study_notebook(workdir):
     assert "flip table at ‖g‖" in text and "random (mean of 2)" in text
     for key in ("flip_f_to_m", "flip_m_to_f"):  # the vector beats random directions
         assert number(rf"{key}:", text) > number(rf"{key}: [0-9.]+ vs random", text)
-    vector = load_gender_vector(workdir / "vec" / "gender_vector.safetensors", expected_width=256)
+    vector = load_concept_vector(workdir / "vec" / "gender_vector.safetensors", expected_width=256)
     assert vector.layer == 1 and vector.classifier_test_accuracy == accuracy
     assert text.count("[Pre-ROME]:  Name: ") == 3 and "[Post-ROME, -g]: Name: " in text
+    assert "[+g on Ani]: Name: Ani. Gender:" in text  # the five-line cell with a typed name
     assert n_images(nb) >= 3
 
 

@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from rome_edit.cli.common import parse_max_memory
-from rome_edit.data.gender_task import EDIT_PROMPT
-from rome_edit.data.names import load_names
 from rome_edit.editing.apply import applied
 from rome_edit.editing.evaluate import evaluate_edits
 from rome_edit.editing.hparams import ROMEHyperParams
@@ -22,6 +20,8 @@ from rome_edit.editing.rome import compute_edits
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.loading import load_model
 from rome_edit.models.scoring import next_token_logprobs
+from rome_edit.study.names import load_names
+from rome_edit.study.task import EDIT_PROMPT
 from rome_edit.tracing.trace import trace
 
 CTX = ["{}", "It was a long day. {}"]
@@ -82,8 +82,9 @@ def test_edits_on_a_dispatched_model_equal_the_whole_model(whole, split, engine)
     assert torch.equal(out_proj_weight(split.model, split.arch, 1), before)
     # the batched evaluation (each row sees its own edit through a hook at layer 1)
     names = load_names()[:12]
-    for x, y in zip(evaluate_edits(whole, a, names, progress=False),
-                    evaluate_edits(split, b, names, progress=False)):
+    pool = [e.name for e in names]
+    for x, y in zip(evaluate_edits(whole, a, pool, progress=False),
+                    evaluate_edits(split, b, pool, progress=False)):
         dx, dy = x.to_dict(), y.to_dict()
         probabilities = [k for k in dx if k.startswith("p_")]
         assert [dx[k] for k in probabilities] == pytest.approx([dy[k] for k in probabilities],

@@ -349,3 +349,20 @@ def test_half_precision_model_accumulates_in_float32(tokenizer, corpus_file, dty
     assert c16.matrix.dtype == torch.float32 and c16.dtype == "float32"
     assert c16.n_tokens == c32.n_tokens
     assert ((c16.matrix - c32.matrix).norm() / c32.matrix.norm()).item() < 0.05
+
+
+def test_cli_sampled_corpus_samples_from_the_model_once(tmp_path, tokenizer, capsys):
+    lm = make_tiny("gpt2", tokenizer)
+    model_dir = tmp_path / "model"
+    lm.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "c.safetensors"
+    argv = ["stats", "--model", str(model_dir), "--layer", "1", "--out", str(out), "--corpus",
+            "sampled:3", "--n-samples", "6", "--batch-size", "3", "--cache-dir",
+            str(tmp_path / "cache")]
+    assert main(argv) == 0
+    assert "miss" in capsys.readouterr().out
+    stats = SecondMoment.load(out)
+    assert stats.n_documents == 6 and stats.corpus_id.startswith("sampled:")
+    assert stats.corpus_id.endswith("seed3:len64:batch128") or ":seed3:" in stats.corpus_id
+    assert main(argv) == 0 and "hit" in capsys.readouterr().out  # same text, same key

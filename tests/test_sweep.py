@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import rome_edit.editing.sweep as sweep_mod
-from rome_edit.data.names import NameEntry, load_names
 from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.sweep import run_sweep
+from rome_edit.study.names import NameEntry, load_names
+from rome_edit.study.sweep import run_gender_sweep as run_sweep
 
 CTX = ["{}", "The weather was cold. {}"]
 NAMES = [NameEntry(n, g) for n, g in [("Brittany", "female"), ("David", "male"),

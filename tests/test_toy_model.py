@@ -6,8 +6,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rome_edit.data.names import load_names
 from rome_edit.models.loading import bundled_model_path
+from rome_edit.study.names import load_names
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,15 +5,15 @@ import torch
 from conftest import FAMILIES, make_tiny
 
 from rome_edit.cli.main import main
-from rome_edit.data.names import NameEntry
 from rome_edit.models.architectures import get_module
 from rome_edit.models.hooks import capture
 from rome_edit.models.subject import SubjectNotFoundError
+from rome_edit.study.names import NameEntry, balanced_names
+from rome_edit.study.task import gender_cases
 from rome_edit.tracing import reuse
 from rome_edit.tracing.average import (
     ROLES,
     align_roles,
-    balanced_names,
     excluded_layers,
     locate,
     recommend_layer,
@@ -240,8 +240,8 @@ def test_recommendation_skips_layer_zero_on_parallel_blocks():
     assert recommend_layer(effect) == 0
 
 
-NAMES = [NameEntry(n, g) for n, g in [("Emma", "female"), ("Liam", "male"),
-                                      ("Jessica", "female"), ("John", "male")]]
+NAMES = gender_cases([NameEntry(n, g) for n, g in [("Emma", "female"), ("Liam", "male"),
+                                                   ("Jessica", "female"), ("John", "male")]])
 
 
 def test_locate_fast_equals_plain_and_counts(tiny_gptj):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from rome_edit.analysis.concept_vector import load_concept_vector as load_gender_vector
 from rome_edit.analysis.deltas import load_delta_set
-from rome_edit.analysis.gender_vector import load_gender_vector
 from rome_edit.editing.apply import apply_records
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits

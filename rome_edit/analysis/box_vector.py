@@ -1,8 +1,11 @@
-"""The source's bounded "gender vector" (seed 001): the box-constrained optimisation.
+"""The source's bounded "gender vector" (seed 001) for any labelled deltas: the box-constrained
+optimisation.
 
 Seed 001: "I use optimization tools to identify a vector which maximizes the probability of being
 classified as a 'female to male' δ, subject to the constraint that each component must be in
-the range [-1, 1]."  We solve it with L-BFGS-B and an analytic gradient, in one of two forms:
+the range [-1, 1]."  For a generic :class:`~rome_edit.analysis.deltas.DeltaSet` "female to
+male" is label 1 (the classifier's positive class).  We solve it with L-BFGS-B and an analytic
+gradient, in one of two forms:
 
 - ``objective="logit"`` (default): maximise ``w·g + b``.  σ is strictly increasing, so this has
   the same maximiser as the probability, but it does not saturate: in float64 ``σ(z)`` rounds to
@@ -20,7 +23,7 @@ An L2 penalty on ``g`` is deliberately not offered: for a linear classifier it o
 between ``sign(w)`` and the weight direction ``w/‖w‖``, which ``directions.py`` already compares
 as its own candidate.
 
-The result is scaled and wrapped as a :class:`~rome_edit.analysis.gender_vector.GenderVector`
+The result is scaled and wrapped as a :class:`~rome_edit.analysis.concept_vector.ConceptVector`
 (see there for the scale modes and the file format).
 """
 
@@ -37,13 +40,13 @@ from scipy.special import expit
 from torch import Tensor
 
 from rome_edit.analysis.classifier import ClassifierResult, LinearProbe
-from rome_edit.analysis.deltas import DeltaSet
-from rome_edit.analysis.gender_vector import (
-    GenderVector,
-    GenderVectorError,
+from rome_edit.analysis.concept_vector import (
+    ConceptVector,
+    ConceptVectorError,
     ScaleSpec,
     resolve_scale,
 )
+from rome_edit.analysis.deltas import DeltaSet
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +67,15 @@ class BoxOptimum:
 
 def optimise_box_vector(probe: LinearProbe, *, bound: float = 1.0,
                         objective: BoxObjective = "logit", max_iter: int = 1000) -> BoxOptimum:
-    """Maximise the classifier's probability of female→male over the box ``[−bound, bound]^d``."""
+    """Maximise the classifier's probability of label 1 over the box ``[−bound, bound]^d``."""
     if not bound > 0:
-        raise GenderVectorError(f"bound must be positive, got {bound}.")
+        raise ConceptVectorError(f"bound must be positive, got {bound}.")
     if objective not in ("logit", "probability"):
-        raise GenderVectorError(f"objective {objective!r} is not 'logit' or 'probability'.")
+        raise ConceptVectorError(f"objective {objective!r} is not 'logit' or 'probability'.")
     w = probe.weights.detach().to(torch.float64).cpu().numpy()
     b = float(probe.bias)
     if not np.isfinite(w).all() or not np.isfinite(b):
-        raise GenderVectorError("the classifier has non-finite weights; retrain it.")
+        raise ConceptVectorError("the classifier has non-finite weights; retrain it.")
 
     # The logit's maximiser is unchanged by a positive rescaling; dividing by max |w_i| makes the
     # gradient O(1), so L-BFGS-B's absolute tolerances mean the same for any classifier scale.
@@ -92,21 +95,21 @@ def optimise_box_vector(probe: LinearProbe, *, bound: float = 1.0,
     g = np.clip(res.x, -bound, bound)
     at_bounds = float(np.mean(np.isclose(np.abs(g), bound, rtol=0, atol=1e-9 * bound)))
     prob = float(expit(w @ g + b))
-    log.info("box vector (%s objective): p(F→M)=%.6f, %.1f%% of coordinates at the bounds, "
+    log.info("box vector (%s objective): p(label 1)=%.6f, %.1f%% of coordinates at the bounds, "
              "%d iterations", objective, prob, 100 * at_bounds, res.nit)
     return BoxOptimum(torch.from_numpy(g.copy()), prob, float(w @ g + b), int(res.nit),
                       bool(res.success), str(res.message), at_bounds)
 
 
-def make_gender_vector(ds: DeltaSet, classifier: ClassifierResult, scale: ScaleSpec = "mean-norm",
-                       *, bound: float = 1.0, objective: BoxObjective = "logit"
-                       ) -> GenderVector:
+def make_concept_vector(ds: DeltaSet, classifier: ClassifierResult,
+                        scale: ScaleSpec = "mean-norm", *, bound: float = 1.0,
+                        objective: BoxObjective = "logit") -> ConceptVector:
     """Optimise the box vector for ``classifier`` and scale it against ``ds``'s mean delta norm."""
     if classifier.weights.numel() != ds.width:
-        raise GenderVectorError(f"classifier width {classifier.weights.numel()} does not match "
-                                f"the deltas' width {ds.width}; train it on these deltas.")
+        raise ConceptVectorError(f"classifier width {classifier.weights.numel()} does not match "
+                                 f"the deltas' width {ds.width}; train it on these deltas.")
     opt = optimise_box_vector(classifier.probe, bound=bound, objective=objective)
     raw_norm = float(opt.vector.norm())
     mode, multiplier = resolve_scale(scale, raw_norm, ds.mean_norm)
-    return GenderVector(opt.vector * multiplier, mode, multiplier, raw_norm, ds.model_identity,
-                        ds.layer, classifier.test_accuracy, ds.mean_norm)
+    return ConceptVector(opt.vector * multiplier, mode, multiplier, raw_norm, ds.model_identity,
+                         ds.layer, classifier.test_accuracy, ds.mean_norm, ds.classes, ds.prompt)

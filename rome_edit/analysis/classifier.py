@@ -1,4 +1,5 @@
-"""A logistic-regression classifier that tells female→male from male→female edit deltas.
+"""A logistic-regression classifier that tells label-1 from label-0 edit deltas (the study:
+female→male from male→female).
 
 Seed 001: "I randomly separate 30% of δ's into a test set and train a linear classifier on the
 remaining 70%. This classifier has 100% accuracy on the test set."  Here the split is stratified
@@ -40,7 +41,7 @@ STANDARDIZE_MODES = ("per-coordinate", "global", "none")
 
 @dataclass(frozen=True, eq=False)
 class LinearProbe:
-    """``p(female→male | δ) = σ(δ·weights + bias)`` in raw delta coordinates."""
+    """``p(label 1 | δ) = σ(δ·weights + bias)`` in raw delta coordinates."""
 
     weights: Tensor  # (d,) float64
     bias: float
@@ -135,8 +136,8 @@ def fit_linear_probe(x: Tensor, y: Tensor, *, C: float = 1.0, seed: int = 0,
     xs = x.detach().to(torch.float64).cpu().numpy()
     ys = y.detach().cpu().numpy()
     if len(np.unique(ys)) < 2:
-        raise DeltaSetError("the training rows hold only one class; a classifier needs both "
-                            "female→male and male→female deltas.")
+        raise DeltaSetError("the training rows hold only one class; a classifier needs deltas "
+                            "of both labels.")
     d = xs.shape[1]
     mu = xs.mean(axis=0) if standardize != "none" else np.zeros(d)
     if standardize == "per-coordinate":

@@ -20,8 +20,9 @@ Theory says three of these coincide: the LEACE image and (at its optimum) rank-1
 the mean-difference direction of the training rows (see ``rlace.py``); the table shows how
 closely the fits agree.  The classifier, INLP and box directions are different estimates.
 
-Every direction is oriented so that it points from M→F towards F→M deltas (positive projection of
-the mean difference), so the cosines are signed and ``+direction`` always means "towards male".
+Every direction is oriented so that it points from label-0 towards label-1 deltas (positive
+projection of the mean difference; the study: from M→F towards F→M), so the cosines are signed
+and ``+direction`` always means "towards label 1's edits" (the study: "towards male").
 The erasure check removes each direction (orthogonal projection; LEACE's own oblique eraser for
 ``leace``; INLP's k-direction projection) from all rows, trains a fresh probe on the erased
 training rows and reports its held-out accuracy against the unerased baseline.
@@ -46,7 +47,7 @@ from rome_edit.analysis.classifier import (
 )
 from rome_edit.analysis.deltas import DeltaSet, DeltaSetError
 from rome_edit.analysis.inlp import INLPResult, inlp
-from rome_edit.analysis.rlace import RLACEResult, rlace_rank1
+from rome_edit.analysis.rlace import RLACEResult, project_out, rlace_rank1
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ConceptDirections:
     """Unit candidate directions (rows of ``vectors``, in ``names`` order) and the fits behind."""
 
     names: tuple[str, ...]
-    vectors: Tensor  # (k, d) float64, unit rows, oriented towards F→M
+    vectors: Tensor  # (k, d) float64, unit rows, oriented towards label 1 (the study: F→M)
     classifier: ClassifierResult
     inlp: INLPResult
     rlace: RLACEResult
@@ -198,12 +199,6 @@ class ErasureRow:
     def to_json(self) -> dict:
         return {"name": self.name, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "drop": self.drop}
-
-
-def project_out(x: Tensor, u: Tensor) -> Tensor:
-    """Rows of ``x`` with their component along the unit vector ``u`` removed."""
-    x64 = x.to(torch.float64)
-    return x64 - torch.outer(x64 @ u, u)
 
 
 def erasure_check(ds: DeltaSet, directions: ConceptDirections, *, seed: int = 0,

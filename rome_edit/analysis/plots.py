@@ -25,10 +25,11 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from rome_edit.analysis.deltas import DeltaSet
+from rome_edit.analysis.rlace import project_out
 
 log = logging.getLogger(__name__)
 
-CLASS_STYLE = {1: ("female→male edit", "tab:blue"), 0: ("male→female edit", "tab:orange")}
+CLASS_COLOURS = {1: "tab:blue", 0: "tab:orange"}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -46,7 +47,7 @@ def projection_axes(x: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
     a = a / a.norm()
     xc = x.detach().to(torch.float64).cpu()
     xc = xc - xc.mean(dim=0)
-    resid = xc - torch.outer(xc @ a, a)
+    resid = project_out(xc, a)
     _, _, vh = torch.linalg.svd(resid, full_matrices=False)
     b = vh[0] - (vh[0] @ a) * a  # already orthogonal up to rounding; make it exact
     return a, b / b.norm()
@@ -63,9 +64,10 @@ def plot_delta_projection(ds: DeltaSet, direction: Tensor, path: str | Path, *,
     pa, pb = (x @ a).numpy(), (x @ b).numpy()
     fig = Figure(figsize=(6, 5))
     ax = fig.add_subplot()
-    for label, (name, colour) in CLASS_STYLE.items():
+    for label, colour in CLASS_COLOURS.items():
         m = (ds.labels == label).numpy()
-        ax.scatter(pa[m], pb[m], s=10, alpha=0.6, c=colour, label=f"{name} (n={int(m.sum())})")
+        ax.scatter(pa[m], pb[m], s=10, alpha=0.6, c=colour,
+                   label=f"{ds.classes[label]} (n={int(m.sum())})")
     ax.set_xlabel(f"projection on the {direction_name}")
     ax.set_ylabel("top principal component of the residual")
     ax.set_title(f"Edit deltas, layer {ds.layer}")
@@ -129,7 +131,7 @@ class ControlBand:
 
 
 def plot_flip_rates(curves: Sequence[FlipCurve], control: ControlBand | None, path: str | Path, *,
-                    ylabel: str = "flip rate (held-out names)", title: str = "") -> Path:
+                    ylabel: str = "flip rate (held-out subjects)", title: str = "") -> Path:
     """Flip rate vs scale for each direction; the control is its mean ± 1 std over seeds."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()

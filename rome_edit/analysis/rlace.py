@@ -76,7 +76,10 @@ def _fit_probe(x1: Tensor, y: Tensor, theta: Tensor, l2: float, max_iter: int = 
     return theta
 
 
-def _project_out(x: Tensor, u: Tensor) -> Tensor:
+def project_out(x: Tensor, u: Tensor) -> Tensor:
+    """Rows of ``x`` with their component along the unit vector ``u`` removed: ``x (I − u uᵀ)``,
+    in ``u``'s dtype (the erasure check applies it to float32 deltas with float64 directions)."""
+    x = x.to(u.dtype)
     return x - torch.outer(x @ u, u)
 
 
@@ -111,7 +114,7 @@ def rlace_rank1(x: Tensor, y: Tensor, *, seed: int = 0, n_steps: int = 100, step
     best_u, best_value, steps_done = u, -math.inf, 0
     for step in range(n_steps):
         steps_done = step + 1
-        xp1 = torch.cat([_project_out(xs, u), ones], 1)
+        xp1 = torch.cat([project_out(xs, u), ones], 1)
         theta = _fit_probe(xp1, yf, theta, l2)
         value = float(F.binary_cross_entropy_with_logits(xp1 @ theta, yf))
         if value > best_value:
@@ -128,7 +131,7 @@ def rlace_rank1(x: Tensor, y: Tensor, *, seed: int = 0, n_steps: int = 100, step
         u = u + eta * tangent / t_norm
         u = u / u.norm()
 
-    xp1 = torch.cat([_project_out(xs, best_u), ones], 1)
+    xp1 = torch.cat([project_out(xs, best_u), ones], 1)
     theta = _fit_probe(xp1, yf, theta, l2, max_iter=50)
     logits = xp1 @ theta
     acc = float(((logits > 0).to(torch.float64) == yf).to(torch.float64).mean())

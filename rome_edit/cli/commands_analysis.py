@@ -6,14 +6,26 @@ import argparse
 import json
 from pathlib import Path
 
-from rome_edit.analysis.apply_vector import VectorApplier
-from rome_edit.analysis.demo import run_demo
-from rome_edit.analysis.experiment import AnalysisSettings, analyze, completions
-from rome_edit.analysis.gender_vector import load_gender_vector
+from rome_edit.analysis.concept_vector import load_concept_vector
+from rome_edit.api.analyze import AnalysisSettings
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.data.names import load_names
+from rome_edit.cli.protect_args import add_protect_args, protection_from_args
+from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, MANY_FORMS, write_edits
+from rome_edit.editing.persist import load_targets, save_edited
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
+from rome_edit.editing.vector_edit import VectorApplier
 from rome_edit.models.identity import check_same_model
+from rome_edit.study.demo import run_demo
+from rome_edit.study.edited_model import model_state
+from rome_edit.study.experiment import (
+    analyze_gender,
+    completions,
+    gender_applier,
+    in_gender_terms,
+)
+from rome_edit.study.names import load_names
+from rome_edit.study.persisted import default_scale, persist_vector, score_persisted
+from rome_edit.study.task import EDIT_PROMPT, GENDER_TASKS, gender_labels
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,14 +43,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(an)
     an.set_defaults(func=run_analyze)
 
-    ap = subparsers.add_parser("apply", help="apply a vector to names (weights or activations)")
-    ap.add_argument("--vector", required=True, type=Path)
+    ap = subparsers.add_parser("apply", help="apply a vector to names (weights or activations), "
+                               "or write it (or N records) into a saved model (--persist)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--vector", type=Path, help="vector file from 'rome-edit analyze'")
+    src.add_argument("--records", nargs="+", type=Path, metavar="DIR",
+                     help="with --persist: sweep folders and/or record folders whose edits are "
+                          "written together")
     ap.add_argument("--names", default=None,
                     help="names CSV (default: the bundled held-out names)")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the stored vector")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="multiply the stored vector (default: the best scale 'analyze' "
+                         "documented beside it in analysis.json, else 1)")
     ap.add_argument("--sign", type=int, choices=[1, -1], default=1)
     ap.add_argument("--mode", choices=["weights", "activations"], default="weights")
     ap.add_argument("--layer", type=int, default=None, help="default: the vector's layer")
+    ap.add_argument("--persist", action="store_true",
+                    help="write the edits for all names into the weights at once and save a "
+                         "standard checkpoint to --out (save_pretrained + rome_edit_edits.json)")
+    ap.add_argument("--many-form", choices=list(MANY_FORMS), default="sequential",
+                    help="with --persist: one paper-form rank-one update after another "
+                         "(default), or MEMIT's single-layer least-squares update")
+    ap.add_argument("--mom2-weight", type=float, default=DEFAULT_MOM2_WEIGHT,
+                    help=f"with --many-form batched: λ_C, the weight of the statistics C (a "
+                         f"mean over tokens) against the edits (default {DEFAULT_MOM2_WEIGHT:g})")
+    add_protect_args(ap)
     ap.add_argument("--out", required=True, type=Path)
     _context_args(ap)
     add_model_args(ap)
@@ -69,13 +98,14 @@ def _editing_context(lm, layer: int, args: argparse.Namespace):
 def run_analyze(args: argparse.Namespace) -> int:
     settings = AnalysisSettings(seed=args.seed, scale=args.scale)
     if args.no_model:
-        result = analyze(args.sweep_dir, args.out, settings=settings)
+        result = analyze_gender(args.sweep_dir, args.out, settings=settings)
     else:
         lm = model_from_args(args)
         summary = json.loads((args.sweep_dir / "summary.json").read_text())
         templates, inverse = _editing_context(lm, int(summary["layer"]), args)
         heldout = load_names(args.heldout) if args.heldout else load_names(split="heldout")
-        result = analyze(args.sweep_dir, args.out, lm, heldout, templates, inverse, settings)
+        result = analyze_gender(args.sweep_dir, args.out, lm, heldout, templates, inverse,
+                                settings)
     c = result["classifier"]
     print(f"classifier test accuracy {c['test_accuracy']:.3f} "
           f"(shuffled labels {c['shuffled_test_accuracy']:.3f})")
@@ -90,20 +120,43 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    if args.records is not None and not args.persist:
+        raise ValueError("--records writes edits into a saved model; add --persist.")
+    if args.persist and args.mode != "weights":
+        raise ValueError("--persist writes weights; drop --mode activations.")
+    if args.persist and args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"{args.out} is not empty; give a new --out directory for the "
+                         "checkpoint.")
     lm = model_from_args(args)
-    gv = load_gender_vector(args.vector, expected_width=lm.model.config.hidden_size)
+    if args.records is not None:
+        return _persist_records(lm, args)
+    gv = load_concept_vector(args.vector, expected_width=lm.model.config.hidden_size)
     check_same_model(lm, gv.model_identity, str(args.vector),
                      "pass --model for the model the vector came from.")
     layer = args.layer if args.layer is not None else gv.layer
     names = load_names(args.names) if args.names else load_names(split="heldout")
+    scale, why = ((args.scale, "--scale") if args.scale is not None
+                  else default_scale(args.vector, gv))
+    print(f"scale {scale:.4g} ({why})")
     templates, inverse = _editing_context(lm, layer, args)
-    applier = VectorApplier(lm, layer, names, templates, inverse)
-    vector = gv.vector.float() * args.scale * args.sign
-    table = applier.flip_table(vector, args.mode)
-    rows = applier.predict_male(vector, args.mode)[:, 0].tolist()
+    solver = inverse.solver if inverse is not None else None
+    protection = protection_from_args(args, lm, layer, EDIT_PROMPT,
+                                      [e.name for e in load_names()], templates)
+    vector = gv.vector.float() * scale * args.sign
+    if args.persist:
+        return _persist_vector(lm, args, names, vector, layer, templates, solver, protection,
+                               scale)
+    if protection is None:
+        applier = gender_applier(lm, layer, names, templates, inverse)
+    else:
+        applier = VectorApplier(lm, layer, [e.name for e in names], gender_labels(names),
+                                GENDER_TASKS, templates, inverse, "paper", protection)
+    table = in_gender_terms(applier.flip_table(vector, args.mode).to_dict())
+    rows = applier.predict_b(vector, args.mode)[:, 0].tolist()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"vector": str(args.vector), "scale": args.scale, "sign": args.sign,
-              "mode": args.mode, "layer": layer, "table": table.to_dict(),
+    result = {"vector": str(args.vector), "scale": scale, "sign": args.sign,
+              "mode": args.mode, "layer": layer, "table": table,
+              "protection": None if protection is None else protection.manifest(),
               "predictions": [{"name": e.name, "gender": e.gender,
                                "predicted_after": "male" if m else "female"}
                               for e, m in zip(names, rows)]}
@@ -112,8 +165,42 @@ def run_apply(args: argparse.Namespace) -> int:
         for c in result["completions"]:
             print(f"[{c['vector']}] {c['prompt']}{c['before']}\n     -> {c['prompt']}{c['after']}")
     (args.out / "apply.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(table.to_dict(), indent=1))
+    print(json.dumps(table, indent=1))
     print(f"wrote {args.out}/apply.json")
+    return 0
+
+
+def _persist_vector(lm, args, names, vector, layer, templates, solver, protection, scale) -> int:
+    everyone = load_names()
+    pool = list(dict.fromkeys([e.name for e in everyone] + [e.name for e in names]))
+    before = model_state(lm, pool)
+    described = {"vector": str(args.vector), "scale": scale, "sign": args.sign}
+    persist_vector(lm, [e.name for e in names], vector, layer, templates, args.out, solver,
+                   args.many_form, protection, args.mom2_weight, described)
+    score = score_persisted(args.out, before, names, args.sign, args.attn_implementation)
+    (args.out / "apply.json").write_text(json.dumps({**described, "fresh_load": score},
+                                                    indent=1) + "\n")
+    print(json.dumps(score, indent=1))
+    print(f"wrote the edited model to {args.out} (AutoModelForCausalLM.from_pretrained loads "
+          "it); what was written: rome_edit_edits.json, measured on a fresh load: apply.json")
+    return 0
+
+
+def _persist_records(lm, args) -> int:
+    targets = load_targets(args.records, lm)
+    hp = default_hparams(lm, args.hparams, layer=targets.layer)
+    templates = context_templates_for(lm, hp, args.context_templates, seed=args.seed)
+    inverse = inverse_for(lm, hp, args.stats)
+    protection = protection_from_args(args, lm, targets.layer, targets.prompt,
+                                      [e.name for e in load_names()], templates)
+    base = lm.identity
+    result = write_edits(lm, targets, args.many_form,
+                         inverse.solver if inverse is not None else None, protection,
+                         args.mom2_weight)
+    save_edited(lm, args.out, targets, base,
+                {**result.to_dict(), "records": [str(p) for p in args.records]})
+    print(json.dumps(result.to_dict(), indent=1))
+    print(f"wrote the edited model ({len(targets.subjects)} edits) to {args.out}")
     return 0
 
 

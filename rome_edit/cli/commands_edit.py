@@ -1,23 +1,27 @@
-"""``rome-edit edit`` (one edit) and ``rome-edit sweep`` (flip every name's gender)."""
+"""``rome-edit edit`` (one edit) and ``rome-edit sweep`` (the study: flip every name's gender)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.data.names import load_names
+from rome_edit.cli.protect_args import add_protect_args, protection_from_args
 from rome_edit.distributed import SINGLE, Workers, data_parallel
 from rome_edit.editing.apply import applied
 from rome_edit.editing.evaluate import generations
+from rome_edit.editing.protected_keys import protect_records
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
 from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
-from rome_edit.editing.sweep import run_sweep
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
+from rome_edit.study.names import load_names
+from rome_edit.study.sweep import run_gender_sweep
+from rome_edit.study.task import EDIT_PROMPT
 
 
 def _editing_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +38,7 @@ def _editing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update", choices=["paper", "rome-reference"], default=None,
                    help="update form (default: the hparams' update_form, 'paper')")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
+    add_protect_args(p)
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -56,9 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=run_sweep_cmd)
 
 
-def _setup(args, workers: Workers = SINGLE):
+def _setup(args, workers: Workers = SINGLE, prompt: str | None = None,
+           subjects: Sequence[str] = ()):
+    """Model, hyperparameters, templates and ``C⁻¹``; ``prompt``/``subjects`` are traced for
+    the edit layer of a model without a preset (:func:`default_hparams`)."""
     lm = model_from_args(args, workers.device)
-    hp = default_hparams(lm, args.hparams, args.layer, args.update)
+    hp = default_hparams(lm, args.hparams, args.layer, args.update, prompt=prompt,
+                         subjects=subjects)
     # Sampled templates could differ between devices; every process uses the main one's.
     templates = workers.broadcast(context_templates_for(lm, hp, args.context_templates,
                                                         args.seed))
@@ -68,11 +77,16 @@ def _setup(args, workers: Workers = SINGLE):
 
 def run_edit(args: argparse.Namespace) -> int:
     request = EditRequest(args.subject, args.prompt, args.target)
-    lm, hp, templates, inverse = _setup(args)
+    lm, hp, templates, inverse = _setup(args, prompt=args.prompt, subjects=[args.subject])
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
     (record,) = compute_edits(lm, [request], hp, templates, inverse, progress=False)
+    protection = protection_from_args(args, lm, hp.layer, args.prompt,
+                                      [e.name for e in load_names()], templates)
+    if protection is not None:
+        (record,) = protect_records(lm, [record], protection,
+                                    inverse.solver if inverse is not None else None)
     gens = generations(lm, record)
     with applied(lm, [record]):
         p_after = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
@@ -80,6 +94,9 @@ def run_edit(args: argparse.Namespace) -> int:
     record = replace(record, probs=probs)
     record.save(args.out)
     print(f"edit: {text!r} -> {args.target!r} at layer {hp.layer} ({hp.update_form} update)")
+    if record.protection is not None:
+        p = record.protection
+        print(f"protected {p['n_keys']} keys ({p['source']}, {p['form']} form)")
     print(f"p({args.target!r}) before {p_before:.4f}  after {p_after:.4f}")
     print(f"|delta| {record.delta.norm():.2f}  |v_orig| {record.v_orig.norm():.2f}  "
           f"steps {len(record.losses)}  final loss {record.losses[-1]:.4f}")
@@ -99,12 +116,17 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     neighbours = load_names(args.names) if args.names else load_names()
     with data_parallel() as workers:
-        lm, hp, templates, inverse = _setup(args, workers)
-        summary = run_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
-                            neighbour_names=neighbours, workers=workers)
+        lm, hp, templates, inverse = _setup(args, workers, prompt=EDIT_PROMPT,
+                                            subjects=[e.name for e in names])
+        protection = protection_from_args(args, lm, hp.layer, EDIT_PROMPT,
+                                          [e.name for e in neighbours], templates)
+        summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
+                                   neighbour_names=neighbours, workers=workers,
+                                   protection=protection)
     if not workers.is_main:
         return 0
     shown = {k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase", "specificity",
+                                     "specificity_same_last_token", "specificity_random",
                                      "city_kept", "fluency_before", "fluency_after",
                                      "seconds", "seconds_per_edit")}
     print(json.dumps(shown, indent=1))

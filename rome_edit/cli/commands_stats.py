@@ -8,9 +8,11 @@ from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.distributed import data_parallel
+from rome_edit.editing.key import keys_and_values
 from rome_edit.stats.cache import cached_second_moment, default_cache_dir
 from rome_edit.stats.corpus import resolve_corpus
 from rome_edit.stats.second_moment import STATS_DTYPES
+from rome_edit.stats.stability import Stability
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--corpus", default="bundled",
                        help="'bundled' (the bundled model's training text, default), a text file "
                             "(one document per line), a folder of .txt files (one document "
-                            "each), or hf:NAME[:CONFIG] (needs the 'datasets' package)")
+                            "each), sampled[:SEED] (text sampled from the model itself; see "
+                            "docs/calibration.md), or hf:NAME[:CONFIG] (needs the 'datasets' "
+                            "package)")
     stats.add_argument("--whole-file", action="store_true",
                        help="treat a --corpus text file as one document instead of one per line")
     stats.add_argument("--n-samples", type=int, default=100_000,
@@ -44,7 +48,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--checkpoint-every", type=int, default=25, metavar="BATCHES",
                        help="save the running sum every BATCHES batches so that a killed run "
                             "resumes from there (default 25)")
+    stable = stats.add_argument_group(
+        "stopping early", "with --until-stable the pass stops once the edit directions "
+        "u = C⁻¹k of probe keys has at least --min-cosine with its value at half the documents "
+        "(checks at --first-check documents and every doubling); --n-samples is then the most "
+        "it reads")
+    stable.add_argument("--until-stable", action="store_true",
+                        help="stop when u = C⁻¹k of the probe keys no longer changes")
+    stable.add_argument("--min-cosine", type=float, default=0.999,
+                        help="stable when every probe's u has at least this cosine with the "
+                             "previous check's (default 0.999)")
+    stable.add_argument("--first-check", type=int, default=1000, metavar="DOCS",
+                        help="documents at the first check; later checks at every doubling "
+                             "(default 1000)")
+    stable.add_argument("--stability-measure", choices=["key-weighted", "euclidean"],
+                        default="key-weighted",
+                        help="cosine in the keys' inner product uᵀCu (how alike the edits "
+                             "respond to the corpus keys; default) or the plain one")
+    stable.add_argument("--patience", type=int, default=1,
+                        help="consecutive stable checks needed (default 1)")
+    stable.add_argument("--probe-subjects", type=Path, default=None, metavar="FILE",
+                        help="subjects whose keys are the probes, one per line (default: 64 "
+                             "token keys of the corpus's first batch)")
+    stable.add_argument("--probe-prompt", default="{}",
+                        help="prompt with {} for the subject, to read the probe keys in "
+                             "(default '{}': the subject alone)")
     stats.set_defaults(func=run_stats)
+
+
+def stability_from_args(args: argparse.Namespace, lm) -> Stability | None:
+    """The --until-stable rule, with the probe subjects' keys at the layer if given."""
+    if not args.until_stable:
+        return None
+    probes = None
+    if args.probe_subjects is not None:
+        if not args.probe_subjects.is_file():
+            raise FileNotFoundError(f"--probe-subjects {args.probe_subjects} does not exist; "
+                                    "give a text file with one subject per line.")
+        subjects = [line.strip() for line in args.probe_subjects.read_text().splitlines()
+                    if line.strip()]
+        if not subjects:
+            raise ValueError(f"--probe-subjects {args.probe_subjects} lists no subject; give "
+                             "one per line.")
+        if "{}" not in args.probe_prompt:
+            raise ValueError(f"--probe-prompt {args.probe_prompt!r} has no {{}} for the "
+                             "subject; e.g. 'Name: {}. Gender:'.")
+        probes, _ = keys_and_values(lm, args.layer, [args.probe_prompt] * len(subjects),
+                                    subjects)
+    return Stability(probes, min_cosine=args.min_cosine, first_check=args.first_check,
+                     measure=args.stability_measure,
+                     patience=args.patience)
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -53,13 +106,18 @@ def run_stats(args: argparse.Namespace) -> int:
                          f"{args.out / f'stats_layer{args.layer}.safetensors'}.")
     if min(args.batch_size, args.n_samples, args.checkpoint_every) < 1:
         raise ValueError("--batch-size, --n-samples and --checkpoint-every must be at least 1.")
-    corpus = resolve_corpus(args.corpus, whole_file=args.whole_file)
+    if args.until_stable and not (0 < args.min_cosine <= 1 and args.first_check >= 1
+                                  and args.patience >= 1):
+        raise ValueError("--min-cosine must be in (0, 1], --first-check and --patience at "
+                         "least 1.")
     with data_parallel() as workers:
         lm = model_from_args(args, workers.device)
+        corpus = resolve_corpus(args.corpus, whole_file=args.whole_file, lm=lm)
         result = cached_second_moment(
             lm, args.layer, corpus, n_samples=args.n_samples, dtype=args.stats_dtype,
             batch_size=args.batch_size, max_length=args.max_length, cache_dir=args.cache_dir,
             workers=workers, checkpoint_every=args.checkpoint_every,
+            until_stable=stability_from_args(args, lm),
         )
         if workers.is_main:
             result.stats.save(args.out)
@@ -77,6 +135,10 @@ def run_stats(args: argparse.Namespace) -> int:
         ("tokens", f"{stats.n_tokens:,}"),
         ("eigenvalues", f"{low:.3g} .. {high:.3g}"),
         ("condition number", f"{cond:.3g}"),
+        *([("stopping", stats.stopping)] if stats.stopping else []),
+        *[("check", f"{c.n_documents:,} documents: min cos(u) "
+                    + ("—" if c.min_cosine is None else f"{c.min_cosine:.6f}"))
+          for c in result.checks],
         ("seconds", f"{result.seconds:.1f}"),
         ("cache", f"{'hit' if result.cache_hit else 'miss (computed)'}: {result.path}"),
         ("written to", str(out)),

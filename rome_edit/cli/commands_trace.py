@@ -12,20 +12,15 @@ import time
 from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.data.names import load_names
-from rome_edit.tracing.average import (
-    DEFAULT_BATCH_PROMPTS,
-    DEFAULT_MIN_EFFECT,
-    GENDER_ANSWERS,
-    balanced_names,
-    locate,
-)
+from rome_edit.study.names import balanced_names, load_names
+from rome_edit.study.task import ANSWERS, EDIT_PROMPT, gender_cases
+from rome_edit.tracing.average import DEFAULT_BATCH_PROMPTS, DEFAULT_MIN_EFFECT, locate
 from rome_edit.tracing.core import KINDS, as_template, check_kinds, check_window
 from rome_edit.tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
 from rome_edit.tracing.plots import plot_average, plot_trace
 from rome_edit.tracing.trace import DEFAULT_SAMPLES, DEFAULT_SEED, trace
 
-DEFAULT_TEMPLATE = "Name: {}. Gender:"
+DEFAULT_TEMPLATE = EDIT_PROMPT
 
 
 def _add_trace_args(parser: argparse.ArgumentParser) -> None:
@@ -146,14 +141,14 @@ def run_locate(args: argparse.Namespace) -> int:
             "--candidates ' she' ' he' (the default ' Female' ' Male' suits only "
             f"{DEFAULT_TEMPLATE!r})."
         )
-    female, male = args.candidates or (GENDER_ANSWERS["female"], GENDER_ANSWERS["male"])
+    female, male = args.candidates or (ANSWERS["female"], ANSWERS["male"])
     names = load_names(args.names, split=None if args.names else "edit")
     entries = balanced_names(names, args.n)
     lm = model_from_args(args)
     window = check_window(args.window, lm.n_layers)
     started = time.perf_counter()
-    result = locate(lm, args.prompt, entries, candidates=(female, male),
-                    answers={"female": female, "male": male}, noise=args.noise,
+    result = locate(lm, args.prompt, gender_cases(entries, {"female": female, "male": male}),
+                    candidates=(female, male), noise=args.noise,
                     samples=args.samples, window=window, kinds=args.kinds, seed=args.seed,
                     min_effect=args.min_effect, method=args.method, max_batch=args.max_batch,
                     batch_prompts=args.batch_prompts,

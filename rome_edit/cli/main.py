@@ -13,7 +13,11 @@ from collections.abc import Sequence
 
 from rome_edit.cli import (
     commands_analysis,
+    commands_calibrate,
     commands_edit,
+    commands_forensics,
+    commands_lens,
+    commands_linearize,
     commands_model,
     commands_stats,
     commands_trace,
@@ -21,8 +25,9 @@ from rome_edit.cli import (
 from rome_edit.distributed import launched_in_parallel
 
 # Each module exposes ``register(subparsers)``; order is the order of the help text.
-COMMAND_MODULES = [commands_model, commands_trace, commands_stats, commands_edit,
-                   commands_analysis]
+COMMAND_MODULES = [commands_model, commands_trace, commands_stats, commands_calibrate,
+                   commands_edit, commands_analysis, commands_forensics, commands_lens,
+                   commands_linearize]
 
 
 # Commands that split their work over data-parallel processes (rome_edit.distributed).

@@ -83,10 +83,6 @@ def load_context_templates(path: str | Path) -> list[str]:
     return validate_templates(data)
 
 
-def save_context_templates(templates: Sequence[str], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(list(templates), indent=1) + "\n")
-
-
 def compose(context: str, prompt: str) -> str:
     """``context.format(prompt)``: put the request prompt (itself a template) into a context."""
     prefix, suffix = split_template(context)

@@ -1,17 +1,24 @@
-"""Evaluating name → gender edits with CounterFact's conventions, named unambiguously.
+"""Evaluating edits with CounterFact's conventions, named unambiguously.
 
-For each edit (applied alone, then reverted bit-identically):
+For each edit request (applied alone, then reverted bit-identically):
 
-* ``efficacy`` — success: the new gender's token beats the old one on ``Name: {}. Gender:``.
-* ``paraphrase`` — success rate over the paraphrase prompts (pronoun ``{} said that`` → she/he,
-  ``Record for {}:`` → female/male): the new gender's answer beats the old one.
-* ``specificity`` — success rate over neighbour names (some sharing the edited name's last
-  token, the rest random): each neighbour's predicted gender is unchanged by the edit.
-* ``city_kept`` — the edited name's most likely city after ``"{} lives in the city of"`` is
-  unchanged (compared by the city's first token, among the corpus's cities' first tokens):
-  the edit did not overwrite a different fact.
+* ``efficacy`` — success: ``target_new`` beats ``target_true`` on the edit prompt.
+* ``paraphrase`` — success rate over the request's paraphrases (each wording with its own new
+  and old answer, e.g. ``"{} said that"`` → she/he): the new answer beats the old one.  ``None``
+  when the request has none.
+* ``specificity`` — success rate over neighbour subjects (some sharing the edited subject's
+  last token, the rest random): on the edit prompt, the neighbour's choice between
+  ``target_true`` and ``target_new`` is the same as before the edit (CounterFact scores "the
+  true target still beats the new one"; comparing with the unedited model instead also counts
+  neighbours the model got wrong to begin with, which a gender or city swap has).
+* ``<name>_kept`` for each :class:`KeptFact` — another fact about the edited subject (its city,
+  say) is unchanged: the most likely of the fact's candidates is the same before and after.
 * ``fluency`` — n-gram entropy of greedy generations (ROME's measure: the mean of
   ``2/3·H₂`` and ``4/3·H₃``, base-2 entropies of word bi- and tri-gram frequencies).
+
+Answers are compared by their first token's next-token probability: exact for one-token answers
+(the bundled model's gender and city answers) and the first-token reading of CounterFact's
+``exp(−mean NLL)`` for longer ones.  Two answers that share a first token are refused.
 """
 
 from __future__ import annotations
@@ -20,56 +27,93 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from rome_edit.data.corpus import CITIES
-from rome_edit.data.gender_task import ANSWERS, CITY_PROMPT, EDIT_PROMPT, PARAPHRASES
-from rome_edit.data.names import NameEntry
 from rome_edit.editing.apply import applied, row_edits
 from rome_edit.editing.record import EditRecord
+from rome_edit.editing.request import EditRequest
 from rome_edit.models.architectures import check_layer
 from rome_edit.models.loading import LoadedModel
-from rome_edit.models.scoring import (
-    generate,
-    next_token_logprobs,
-    single_token_id,
-)
+from rome_edit.models.scoring import generate, next_token_logprobs
 from rome_edit.models.subject import fill, locate_subjects
 
 
 @dataclass(frozen=True)
-class NameEditScore:
+class KeptFact:
+    """A fact about each edited subject that an edit must leave alone.
+
+    ``prompt`` has one ``{}``; ``candidates`` are the possible answers (compared by first
+    token, duplicates of a first token counted once); the metric is ``f"{name}_kept"``.
+    """
+
+    name: str
+    prompt: str
+    candidates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"fact name {self.name!r} must be an identifier such as 'city'.")
+        if len(self.candidates) < 2:
+            raise ValueError(f"fact {self.name!r} needs at least two candidate answers.")
+
+
+@dataclass(frozen=True)
+class EditScore:
+    """One edit's success rates (CounterFact conventions) and probabilities of its answers."""
+
     subject: str
-    gender: str  # the name's gender before the edit
     efficacy: bool
-    paraphrase: float
-    specificity: float  # over all neighbours
+    paraphrase: float | None  # None: the request has no paraphrases
+    specificity: float | None  # over all neighbours; None: no neighbours
     specificity_same_last_token: float | None  # neighbours ending in the same token
     specificity_random: float | None
-    city_kept: bool
-    p_new_before: float  # probability of the new answer token on the edit prompt
+    p_new_before: float  # probability of the new answer's first token on the edit prompt
     p_new_after: float
     p_old_after: float
+    kept: dict[str, bool] = field(default_factory=dict)  # KeptFact name → unchanged
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat: each kept fact becomes ``<name>_kept`` (e.g. ``city_kept``)."""
+        out = asdict(self)
+        out.update({f"{k}_kept": v for k, v in out.pop("kept").items()})
+        return out
 
 
-def last_tokens(tokenizer, names: Sequence[str]) -> dict[str, int]:
-    """Each name's last token in ``"Name: {}. Gender:"``."""
-    spans = locate_subjects(tokenizer, [EDIT_PROMPT] * len(names), names)
-    return {n: sp.input_ids[sp.last] for n, sp in zip(names, spans)}
+def first_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {text!r} tokenizes to nothing; give a non-empty answer.")
+    return ids[0]
 
 
-def neighbours(subject: str, names: Sequence[NameEntry], last: dict[str, int],
+def _answer_ids(tokenizer, new: str, true: str | None, where: str) -> tuple[int, int]:
+    if true is None:
+        raise ValueError(f"{where}: evaluating an edit needs its target_true (the old answer); "
+                         "give it in the EditRequest.")
+    a, b = first_token(tokenizer, new), first_token(tokenizer, true)
+    if a == b:
+        raise ValueError(f"{where}: answers {new!r} and {true!r} start with the same token, so "
+                         "they cannot be told apart; choose answers that differ in the first "
+                         "token.")
+    return a, b
+
+
+def last_tokens(tokenizer, prompt: str, subjects: Sequence[str]) -> dict[str, int]:
+    """Each subject's last token in ``prompt``."""
+    spans = locate_subjects(tokenizer, [prompt] * len(subjects), list(subjects))
+    return {n: sp.input_ids[sp.last] for n, sp in zip(subjects, spans)}
+
+
+def neighbours(subject: str, pool: Sequence[str], last: dict[str, int],
                n_same_last: int = 5, n_random: int = 5, seed: int = 0
                ) -> tuple[list[str], list[str]]:
-    """Other names: up to ``n_same_last`` ending in the same token (``last``: name → last
-    token, see :func:`last_tokens`), and ``n_random`` others, chosen with a per-name seed."""
-    others = [e.name for e in names if e.name != subject]
+    """Other subjects of ``pool``: up to ``n_same_last`` ending in the same token (``last``:
+    subject → last token, see :func:`last_tokens`), and ``n_random`` others, chosen with a
+    per-subject seed."""
+    others = [n for n in pool if n != subject]
     rng = random.Random(f"{seed}:{subject}")
     same = [n for n in others if last[n] == last[subject]]
     rng.shuffle(same)
@@ -78,48 +122,61 @@ def neighbours(subject: str, names: Sequence[NameEntry], last: dict[str, int],
     return picked, rng.sample(rest, min(n_random, len(rest)))
 
 
-def _gender_prediction(lm: LoadedModel, subjects: Sequence[str]) -> list[str]:
-    lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(EDIT_PROMPT, s) for s in subjects])
-    return _genders(lm, lp)
+def _fact_ids(tokenizer, fact: KeptFact) -> torch.Tensor:
+    return torch.tensor(sorted({first_token(tokenizer, c) for c in fact.candidates}))
 
 
-def _genders(lm: LoadedModel, lp: torch.Tensor) -> list[str]:
-    ids = [single_token_id(lm.tokenizer, ANSWERS[g]) for g in ("female", "male")]
-    return ["female" if a > b else "male" for a, b in lp[:, ids].tolist()]
-
-
-def _city_first_tokens(lm: LoadedModel) -> torch.Tensor:
-    return torch.tensor(sorted({lm.tokenizer(" " + c, add_special_tokens=False)["input_ids"][0]
-                                for c in CITIES}))
-
-
-def _best_city(lm: LoadedModel, subjects: Sequence[str]) -> list[int]:
-    """The most likely city-initial token after ``"{} lives in the city of"``."""
-    lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(CITY_PROMPT, s) for s in subjects])
-    firsts = _city_first_tokens(lm)
-    return firsts[lp[:, firsts].argmax(-1)].tolist()
+def _split_neighbours(lm: LoadedModel, requests: Sequence[EditRequest], pool: Sequence[str],
+                      n_same_last: int, n_random: int) -> dict[int, tuple[list[str], list[str]]]:
+    """Per request: (same-last-token neighbours, random neighbours)."""
+    out: dict[int, tuple[list[str], list[str]]] = {}
+    by_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.neighbours:
+            out[i] = ([], list(r.neighbours))
+        else:
+            by_prompt.setdefault(r.prompt, []).append(i)
+    for prompt, idx in by_prompt.items():
+        subjects = list(dict.fromkeys([*pool, *(requests[i].subject for i in idx)]))
+        last = last_tokens(lm.tokenizer, prompt, subjects)
+        for i in idx:
+            out[i] = neighbours(requests[i].subject, pool, last, n_same_last, n_random)
+    return out
 
 
 def evaluate_edits(
-    lm: LoadedModel, records: Sequence[EditRecord], names: Sequence[NameEntry],
-    n_same_last: int = 5, n_random: int = 5, chunk: int = 32, progress: bool = True,
-) -> list[NameEditScore]:
-    """Score each name edit as if applied alone.
+    lm: LoadedModel, records: Sequence[EditRecord], neighbour_pool: Sequence[str] = (),
+    kept: Sequence[KeptFact] = (), n_same_last: int = 5, n_random: int = 5, chunk: int = 32,
+    progress: bool = True,
+) -> list[EditScore]:
+    """Score each edit as if applied alone.
 
-    Every edit is a rank-one change of one layer, so a chunk of edits is scored in one batch
-    with :func:`~rome_edit.editing.apply.row_edits` (each row sees only its own edit — the same
-    function as writing that edit into the weights; a test compares the two).
+    Neighbours come from each request's own ``neighbours``, else from ``neighbour_pool``
+    (default: the edited subjects).  Every edit is a rank-one change of one layer, so a chunk
+    of edits is scored in one batch with :func:`~rome_edit.editing.apply.row_edits` (each row
+    sees only its own edit — the same function as writing that edit into the weights; a test
+    compares the two).
     """
-    genders = {e.name: e.gender for e in names}
-    subjects = [r.request.subject for r in records]
-    last = last_tokens(lm.tokenizer, [e.name for e in names] + subjects)
-    split = {s: neighbours(s, names, last, n_same_last, n_random) for s in subjects}
-    near = {s: same + rand for s, (same, rand) in split.items()}
-    involved = sorted({*subjects, *(n for v in near.values() for n in v)})
-    before = dict(zip(involved, _gender_prediction(lm, involved)))
-    city_before = dict(zip(subjects, _best_city(lm, subjects)))
-    edit_lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(EDIT_PROMPT, s) for s in subjects])
-    scores: list[NameEditScore] = []
+    requests = [r.request for r in records]
+    ids = [_answer_ids(lm.tokenizer, q.target_new, q.target_true, f"edit of {q.subject!r}")
+           for q in requests]
+    para_ids = [[_answer_ids(lm.tokenizer, p.target_new, p.target_true,
+                             f"paraphrase {p.prompt!r} of {q.subject!r}") for p in q.paraphrases]
+                for q in requests]
+    pool = list(dict.fromkeys(neighbour_pool or [q.subject for q in requests]))
+    split = _split_neighbours(lm, requests, pool, n_same_last, n_random)
+    near = {i: same + rand for i, (same, rand) in split.items()}
+    fact_ids = [_fact_ids(lm.tokenizer, f) for f in kept]
+    # Before the edit: neighbours' logprobs on the edit prompt, each fact's best candidate.
+    texts = sorted({fill(q.prompt, n) for i, q in enumerate(requests) for n in near[i]}
+                   | {fill(q.prompt, q.subject) for q in requests})
+    base = dict(zip(texts, next_token_logprobs(lm.model, lm.tokenizer, texts)))
+    fact_before = []
+    for fact, fids in zip(kept, fact_ids):
+        lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(fact.prompt, q.subject)
+                                                          for q in requests])
+        fact_before.append(fids[lp[:, fids].argmax(-1)].tolist())
+    scores: list[EditScore] = []
     bar = tqdm(total=len(records), desc="evaluate", unit="edit", disable=not progress)
     for start in range(0, len(records), chunk):
         part = records[start : start + chunk]
@@ -129,49 +186,44 @@ def evaluate_edits(
             raise ValueError("records of one evaluation chunk must share a layer.")
         prompts, owner = [], []
         for j, r in enumerate(part):
-            s = r.request.subject
-            rows = ([fill(EDIT_PROMPT, s)] + [fill(p, s) for p, _ in PARAPHRASES]
-                    + [fill(EDIT_PROMPT, n) for n in near[s]])
+            q, i = r.request, start + j
+            rows = ([fill(q.prompt, q.subject)] + [fill(p.prompt, q.subject)
+                                                   for p in q.paraphrases]
+                    + [fill(q.prompt, n) for n in near[i]]
+                    + [fill(f.prompt, q.subject) for f in kept])
             prompts += rows
             owner += [j] * len(rows)
-        city_row = len(prompts)
-        prompts += [fill(CITY_PROMPT, r.request.subject) for r in part]
-        owner += list(range(len(part)))
         u = torch.stack([r.u for r in part])
         lam = torch.stack([r.lam for r in part])
         idx = torch.tensor(owner)
         with row_edits(lm, part[0].layer, u[idx], lam[idx]):
             lp = next_token_logprobs(lm.model, lm.tokenizer, prompts, len(prompts))
-        firsts = _city_first_tokens(lm)
-        city = firsts[lp[city_row:, firsts].argmax(-1)].tolist()
         offset = 0
         for j, r in enumerate(part):
-            i = start + j
-            s = r.request.subject
-            n_rows = 1 + len(PARAPHRASES) + len(near[s])
+            q, i = r.request, start + j
+            n_rows = 1 + len(q.paraphrases) + len(near[i]) + len(kept)
             rows = lp[offset : offset + n_rows]
             offset += n_rows
-            old = genders.get(s) or ("male" if r.request.target_new == ANSWERS["female"]
-                                     else "female")
-            new = "male" if old == "female" else "female"
-            wins = []
-            for row, ans in zip(rows, [ANSWERS] + [a for _, a in PARAPHRASES]):
-                wins.append(bool(row[single_token_id(lm.tokenizer, ans[new])] >
-                                 row[single_token_id(lm.tokenizer, ans[old])]))
-            after_nb = _genders(lm, rows[1 + len(PARAPHRASES):])
-            kept = [a == before[n] for a, n in zip(after_nb, near[s])]
-            new_id = single_token_id(lm.tokenizer, ANSWERS[new])
-            old_id = single_token_id(lm.tokenizer, ANSWERS[old])
-            scores.append(NameEditScore(
-                subject=s, gender=old, efficacy=wins[0],
-                paraphrase=sum(wins[1:]) / len(PARAPHRASES),
-                specificity=sum(kept) / max(1, len(kept)),
-                specificity_same_last_token=_mean(kept[: len(split[s][0])]),
-                specificity_random=_mean(kept[len(split[s][0]) :]),
-                city_kept=city[j] == city_before[s],
-                p_new_before=math.exp(edit_lp[i, new_id].item()),
+            new_id, old_id = ids[i]
+            wins = [bool(row[a] > row[b]) for row, (a, b) in
+                    zip(rows, [ids[i], *para_ids[i]])]
+            nb = rows[1 + len(q.paraphrases) : 1 + len(q.paraphrases) + len(near[i])]
+            kept_nb = [bool((after[new_id] > after[old_id]) ==
+                            (base[fill(q.prompt, n)][new_id] > base[fill(q.prompt, n)][old_id]))
+                       for after, n in zip(nb, near[i])]
+            fact_rows = rows[n_rows - len(kept) :]
+            facts = {f.name: int(fids[row[fids].argmax()]) == before[i]
+                     for f, fids, row, before in zip(kept, fact_ids, fact_rows, fact_before)}
+            n_same = len(split[i][0])
+            scores.append(EditScore(
+                subject=q.subject, efficacy=wins[0],
+                paraphrase=_mean(wins[1:]), specificity=_mean(kept_nb),
+                specificity_same_last_token=_mean(kept_nb[:n_same]),
+                specificity_random=_mean(kept_nb[n_same:]),
+                p_new_before=math.exp(base[fill(q.prompt, q.subject)][new_id].item()),
                 p_new_after=math.exp(rows[0, new_id].item()),
                 p_old_after=math.exp(rows[0, old_id].item()),
+                kept=facts,
             ))
         bar.update(len(part))
     bar.close()
@@ -182,13 +234,18 @@ def _mean(values: Sequence[bool]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(scores: Sequence[NameEditScore | dict]) -> dict[str, float | None]:
-    """Mean of each metric (success rates; ``mean_p_*`` are probabilities; ``fluency_*`` are
-    n-gram entropies in bits, over the rows that have them), skipping ``None``."""
+SUMMARY_KEYS = ("efficacy", "paraphrase", "specificity", "specificity_same_last_token",
+                "specificity_random", "p_new_before", "p_new_after", "fluency_before",
+                "fluency_after")
+
+
+def summarize(scores: Sequence[EditScore | dict]) -> dict[str, float | None]:
+    """Mean of each metric (success rates, ``<fact>_kept`` included; ``mean_p_*`` are
+    probabilities; ``fluency_*`` are n-gram entropies in bits, over the rows that have them),
+    skipping ``None``."""
     rows = [s if isinstance(s, dict) else s.to_dict() for s in scores]
-    keys = ("efficacy", "paraphrase", "specificity", "specificity_same_last_token",
-            "specificity_random", "city_kept", "p_new_before", "p_new_after",
-            "fluency_before", "fluency_after")
+    facts = sorted({k for r in rows for k in r if k.endswith("_kept")})
+    keys = (*SUMMARY_KEYS, *facts)
     out = {k: _mean_of([None if r.get(k) is None else float(r[k]) for r in rows]) for k in keys}
     out["mean_p_new_before"] = out.pop("p_new_before")
     out["mean_p_new_after"] = out.pop("p_new_after")

@@ -4,6 +4,11 @@ The reference keeps one flat JSON object per model (``hparams/ROME/gpt-j-6B.json
 have such files, so :class:`ROMEHyperParams` reads and writes exactly those keys.  Two settings
 that the reference does not have are rome-edit options with documented names and
 reference-faithful defaults: ``update_form`` and ``mom2_ridge``.
+
+The reference file's module-path keys (``rewrite_module_tmp``, ``layer_module_tmp``,
+``mlp_module_tmp``, ``attn_module_tmp``, ``ln_f_module``, ``lm_head_module``) are kept as read,
+in :attr:`ROMEHyperParams.extra`, and written back, so files round-trip; rome-edit takes module
+paths from the model's architecture (``rome_edit.models.architectures``, ``--module-template``).
 """
 
 from __future__ import annotations
@@ -16,13 +21,8 @@ from typing import Literal
 
 UpdateForm = Literal["paper", "rome-reference"]
 
-# Keys of the reference file, in its order.
-REFERENCE_KEYS = (
-    "layers", "fact_token", "v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay",
-    "clamp_norm_factor", "kl_factor", "mom2_adjustment", "context_template_length_params",
-    "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
-    "lm_head_module", "mom2_dataset", "mom2_n_samples", "mom2_dtype",
-)
+MODULE_KEYS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+               "ln_f_module", "lm_head_module")
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,6 @@ class ROMEHyperParams:
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
-    rewrite_module_tmp: str = "transformer.h.{}.mlp.fc_out"
-    layer_module_tmp: str = "transformer.h.{}"
-    mlp_module_tmp: str = "transformer.h.{}.mlp"
-    attn_module_tmp: str = "transformer.h.{}.attn"
-    ln_f_module: str = "transformer.ln_f"
-    lm_head_module: str = "lm_head"
     mom2_dataset: str = "wikipedia"
     mom2_n_samples: int = 100_000
     mom2_dtype: str = "float32"

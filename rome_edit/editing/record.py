@@ -38,6 +38,9 @@ class EditRecord:
     timings: dict = field(default_factory=dict)
     context_templates: tuple[str, ...] = ()
     attn_implementation: str | None = None  # eager / sdpa; None in records of rome-edit 0.1.0
+    # Protected keys (rome_edit.editing.protected_keys): source, form, parameters, which names;
+    # None for an unprotected edit and in records written before protection existed.
+    protection: dict | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().float().cpu().clone()
@@ -49,7 +52,7 @@ class EditRecord:
             "layer": self.layer, "hparams": self.hparams, "update_form": self.update_form,
             "stats": self.stats, "losses": list(self.losses), "probs": self.probs,
             "timings": self.timings, "context_templates": list(self.context_templates),
-            "attn_implementation": self.attn_implementation,
+            "attn_implementation": self.attn_implementation, "protection": self.protection,
             "delta_norm": float(self.delta.norm()), "v_orig_norm": float(self.v_orig.norm()),
         }
 
@@ -67,13 +70,14 @@ class EditRecord:
             raise ValueError(f"record tensors {missing} are missing; the file is not an edit "
                              "record written by rome-edit.")
         return cls(
-            request=EditRequest(**meta["request"]), model_identity=meta["model_identity"],
+            request=EditRequest.from_dict(meta["request"]), model_identity=meta["model_identity"],
             layer=int(meta["layer"]), hparams=meta["hparams"],
             update_form=meta.get("update_form", "paper"), stats=meta.get("stats"),
             losses=tuple(meta.get("losses", ())), probs=meta.get("probs", {}),
             timings=meta.get("timings", {}),
             context_templates=tuple(meta.get("context_templates", ())),
             attn_implementation=meta.get("attn_implementation"),
+            protection=meta.get("protection"),
             **{n: tensors[n] for n in TENSOR_NAMES},
         )
 

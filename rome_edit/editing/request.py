@@ -1,4 +1,5 @@
-"""An edit request and the token layouts ROME optimises over."""
+"""An edit request (what to rewrite, and how to check it) and the token layouts ROME optimises
+over."""
 
 from __future__ import annotations
 
@@ -12,16 +13,44 @@ KL_PROMPT = "{} is a"  # the reference's single essence/KL prompt
 
 
 @dataclass(frozen=True)
+class Paraphrase:
+    """Another wording of the edited fact, for evaluation (CounterFact's paraphrase prompts).
+
+    ``prompt`` has one ``{}`` for the subject; its answers may differ from the edit prompt's
+    (``"{} said that"`` → ``" she"``/``" he"`` for ``" Female"``/``" Male"``), so each wording
+    names its own new and old answer.
+    """
+
+    prompt: str
+    target_new: str
+    target_true: str
+
+    def __post_init__(self) -> None:
+        split_template(self.prompt)
+        if not self.target_new.strip() or not self.target_true.strip():
+            raise ValueError(f"paraphrase {self.prompt!r} needs a non-empty new and true answer.")
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "target_new": self.target_new,
+                "target_true": self.target_true}
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """Rewrite ``prompt.format(subject)`` → ``target_new`` (e.g. ``" Female"``).
 
-    ``target_true`` (optional) is the old answer, used only for evaluation.
+    Only ``subject``, ``prompt`` and ``target_new`` shape the edit.  The rest is for evaluation
+    (:mod:`rome_edit.editing.evaluate`): ``target_true`` is the old answer, ``paraphrases``
+    other wordings of the fact, ``neighbours`` other subjects whose answer on ``prompt`` must
+    not change (empty: a sweep picks them from its pool of subjects).
     """
 
     subject: str
     prompt: str
     target_new: str
     target_true: str | None = None
+    paraphrases: tuple[Paraphrase, ...] = ()
+    neighbours: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.target_new or not self.target_new.strip():
@@ -29,10 +58,28 @@ class EditRequest:
         if not self.subject or not self.subject.strip():
             raise ValueError("the subject is empty; give the name or entity to edit.")
         split_template(self.prompt)  # exactly one "{}"
+        if self.target_true is not None and self.target_true == self.target_new:
+            raise ValueError(f"target_new and target_true are both {self.target_new!r}; an edit "
+                             "must change the answer.")
+        object.__setattr__(self, "paraphrases", tuple(
+            p if isinstance(p, Paraphrase) else Paraphrase(*p) for p in self.paraphrases))
+        object.__setattr__(self, "neighbours", tuple(str(n) for n in self.neighbours))
 
     def to_dict(self) -> dict:
-        return {"subject": self.subject, "prompt": self.prompt, "target_new": self.target_new,
-                "target_true": self.target_true}
+        out = {"subject": self.subject, "prompt": self.prompt, "target_new": self.target_new,
+               "target_true": self.target_true}
+        if self.paraphrases:  # records of plain edits keep their original four keys
+            out["paraphrases"] = [p.to_dict() for p in self.paraphrases]
+        if self.neighbours:
+            out["neighbours"] = list(self.neighbours)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EditRequest:
+        """Inverse of :meth:`to_dict` (records saved before paraphrases existed included)."""
+        return cls(data["subject"], data["prompt"], data["target_new"], data.get("target_true"),
+                   tuple(Paraphrase(**p) for p in data.get("paraphrases", ())),
+                   tuple(data.get("neighbours", ())))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from rome_edit.editing.request import EditRequest
 from rome_edit.editing.update import rank_one_update
 from rome_edit.editing.value import loss_layer_of, optimize_value
 from rome_edit.editing.value_batched import optimize_values
+from rome_edit.editing.value_loop import EARLY_STOP_LOSS
 from rome_edit.models.architectures import check_editable, check_layer, get_module, mlp_widths
 from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
@@ -90,8 +91,13 @@ def compute_edits(
     engine: Engine = "batched",
     chunk_size: int = 64,
     progress: bool = True,
+    early_stop_loss: float = EARLY_STOP_LOSS,
 ) -> list[EditRecord]:
-    """Records for ``requests``, each computed against the current weights; nothing is applied."""
+    """Records for ``requests``, each computed against the current weights; nothing is applied.
+
+    ``early_stop_loss`` is the value loop's threshold (the reference's 0.05; 0 holds every edit
+    to ``v_num_grad_steps``, as benchmarks do).
+    """
     check_request_inputs(lm, hp, inverse)
     layer = hp.layer
     t0 = time.perf_counter()
@@ -105,10 +111,11 @@ def compute_edits(
     t_key = time.perf_counter() - t0
     if engine != "simple":  # k* comes out of the value pass's first forward
         values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress,
-                                 use_kernel=engine == "batched")
+                                 use_kernel=engine == "batched", early_stop_loss=early_stop_loss)
         k_star = torch.stack([v.k_star for v in values])
     else:
-        values = [optimize_value(lm, r, hp, context_templates) for r in requests]
+        values = [optimize_value(lm, r, hp, context_templates, early_stop_loss)
+                  for r in requests]
     t_value = time.perf_counter() - t0 - t_key
     use_c = hp.mom2_adjustment and inverse is not None
     c_inv_k = inverse.solver.solve(k_star).float().cpu() if use_c else k_star

@@ -1,49 +1,141 @@
 """Resolving an editing run's inputs: hyperparameters, context templates, statistics.
 
 Shared by the CLI, the demo and scripts so they agree on defaults: the bundled model uses the
-``toy-gptj`` preset; any other model starts from the reference GPT-J-6B values with its own
-module paths and last layer as ``v_loss_layer``.
+``toy-gptj`` preset.  A model without a preset (:func:`no_preset_hparams`) keeps the reference's
+optimisation values (clamp, steps, learning rate, KL, context templates) with
+
+* the edit layer from a causal trace of the requests' own prompt (:func:`default_layer`: the
+  argmax of the averaged MLP effect at the last subject token, :mod:`rome_edit.tracing.average`),
+  or, when no prompt is known or no traced case is informative, the reference's relative depth
+  (GPT-J-6B edits layer 5 of 28);
+* ``v_loss_layer`` the model's last layer (as the reference's 27 of 28);
+* statistics on a corpus that is always there: text sampled from the model itself
+  (``mom2_dataset: "sampled"``, :mod:`rome_edit.stats.sampled`, 2,000 texts), which logs a
+  warning saying what that means.  ``--corpus bundled``, ``--corpus DIR`` or ``--corpus FILE``
+  override it; ``hf:NAME`` (the optional ``datasets`` package) is used only when asked for.
+
+A logged warning says which defaults were taken and suggests ``rome-edit calibrate``, which
+measures edits per layer, clamp and step count and writes a tuned hparams file.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.distributed import SINGLE, Workers
 from rome_edit.editing.context import load_context_templates, sample_context_templates
-from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.hparams import MODULE_KEYS, ROMEHyperParams
 from rome_edit.editing.rome import SecondMomentInverse
 from rome_edit.models.architectures import mlp_widths
 from rome_edit.models.loading import LoadedModel
-from rome_edit.stats.cache import cached_second_moment
-from rome_edit.stats.corpus import resolve_corpus
-from rome_edit.stats.second_moment import SecondMoment
+from rome_edit.models.scoring import next_token_logprobs
+from rome_edit.models.subject import fill
+from rome_edit.stats.cache import StatsKey, cached_second_moment, default_cache_dir
+from rome_edit.stats.corpus import TextCorpus, resolve_corpus
+from rome_edit.stats.second_moment import SecondMoment, context_length
+from rome_edit.stats.stability import Stability
+from rome_edit.tracing.average import locate
 
 log = logging.getLogger(__name__)
 BUNDLED_NAME = "bundled:toy-gptj"
 
 
+# Defaults for a model without a preset (module docstring).
+NO_PRESET_CORPUS = "sampled"
+NO_PRESET_N_SAMPLES = 2000
+REFERENCE_DEPTH = 5 / 28  # GPT-J-6B's edit layer over its depth
+TRACE_SUBJECTS = 20  # subjects traced for the default layer
+
+
+def relative_depth_layer(lm: LoadedModel) -> int:
+    """The reference's relative edit depth on this model (never layer 0 of a parallel block,
+    whose MLP sees only the current token; see :mod:`rome_edit.tracing.average`)."""
+    layer = round(REFERENCE_DEPTH * lm.n_layers)
+    return max(layer, 1 if lm.arch.parallel and lm.n_layers > 1 else 0)
+
+
+def default_layer(lm: LoadedModel, prompt: str | None = None,
+                  subjects: Sequence[str] = (), progress: bool = False) -> int:
+    """The edit layer a causal trace of ``prompt`` over (up to 20 of) ``subjects`` recommends.
+
+    The answer traced for each subject is the model's own top next token, so no labels are
+    needed; without a prompt, or when no case is informative, the reference's relative depth.
+    """
+    if prompt is None or not subjects:
+        layer = relative_depth_layer(lm)
+        log.warning("no prompt to trace: edit layer %d, the reference's relative depth (5 of "
+                    "28); pass --layer or trace with 'rome-edit locate'.", layer)
+        return layer
+    picked = list(dict.fromkeys(subjects))[:TRACE_SUBJECTS]
+    texts = [fill(prompt, s) for s in picked]
+    top = next_token_logprobs(lm.model, lm.tokenizer, texts).argmax(-1).tolist()
+    answers = [lm.tokenizer.decode([t]) for t in top]
+    try:
+        located = locate(lm, prompt, list(zip(picked, answers)),
+                         candidates=tuple(dict.fromkeys(answers)), progress=progress)
+    except ValueError as err:  # every case uninformative
+        layer = relative_depth_layer(lm)
+        log.warning("the causal trace gave no layer (%s); edit layer %d, the reference's "
+                    "relative depth.", err, layer)
+        return layer
+    log.warning("edit layer %d from a causal trace of %r over %d subjects (MLP effect %.3f at "
+                "the last subject token)", located.recommended_layer, prompt, located.n_cases,
+                located.recommended_effect)
+    return located.recommended_layer
+
+
+def no_preset_hparams(lm: LoadedModel, layer: int) -> ROMEHyperParams:
+    """The reference's values with this model's module paths, ``layer``, its last layer as the
+    loss layer and statistics on text sampled from the model (module docstring)."""
+    arch, ref = lm.arch, ROMEHyperParams.preset("gpt-j-6b")
+    # The module paths are not read (the architecture gives them); they are written so that
+    # the file stays a complete reference-format file for this model.
+    paths = dict(zip(MODULE_KEYS, (arch.out_proj, arch.block, arch.mlp, arch.attn,
+                                   arch.final_norm, arch.lm_head), strict=True))
+    return replace(ref, layers=(layer,), v_loss_layer=lm.n_layers - 1,
+                   mom2_dataset=NO_PRESET_CORPUS, mom2_n_samples=NO_PRESET_N_SAMPLES,
+                   extra={**ref.extra, **paths})
+
+
 def default_hparams(lm: LoadedModel, hparams_file: str | Path | None = None,
-                    layer: int | None = None, update_form: str | None = None) -> ROMEHyperParams:
-    """The run's hyperparameters: a file, else the preset for the model; then overrides."""
+                    layer: int | None = None, update_form: str | None = None, *,
+                    prompt: str | None = None, subjects: Sequence[str] = ()
+                    ) -> ROMEHyperParams:
+    """The run's hyperparameters: a file, else the preset for the model, else the no-preset
+    defaults (layer ``layer``, or traced on ``prompt`` over ``subjects``); then overrides."""
     if hparams_file is not None:
         hp = ROMEHyperParams.load(hparams_file)
     elif lm.name == BUNDLED_NAME:
         hp = ROMEHyperParams.preset("toy-gptj")
     else:
-        arch = lm.arch
-        hp = replace(ROMEHyperParams.preset("gpt-j-6b"), v_loss_layer=lm.n_layers - 1,
-                     rewrite_module_tmp=arch.out_proj, layer_module_tmp=arch.block,
-                     mlp_module_tmp=arch.mlp, attn_module_tmp=arch.attn,
-                     ln_f_module=arch.final_norm, lm_head_module=arch.lm_head)
-        log.info("using the GPT-J-6B reference values with this model's module paths")
+        chosen = layer if layer is not None else default_layer(lm, prompt, subjects)
+        hp = no_preset_hparams(lm, chosen)
+        log.warning("no hyperparameter preset for %s: using the reference's values (clamp "
+                    "%g, %d steps) at layer %d, loss layer %d, statistics on %r; for values "
+                    "measured on this model run 'rome-edit calibrate --model %s --out "
+                    "hparams.json' and pass --hparams hparams.json.", lm.name,
+                    hp.clamp_norm_factor, hp.v_num_grad_steps, hp.layer, hp.v_loss_layer,
+                    hp.mom2_dataset, lm.name)
     if layer is not None:
         hp = hp.with_layer(layer)
     if update_form is not None:
         hp = replace(hp, update_form=update_form)  # type: ignore[arg-type]
     return hp
+
+
+def corpus_spec(hp: ROMEHyperParams) -> str:
+    """The corpus an hparams file's ``mom2_dataset`` names: ``bundled``, ``sampled[:SEED]``, a
+    local path or ``hf:NAME`` as given; any other name is a Hugging Face dataset (the
+    reference's ``wikipedia``), which needs the optional ``datasets`` package."""
+    name = hp.mom2_dataset
+    if name in ("bundled", "sampled") or name.startswith(("sampled:", "hf:")):
+        return name
+    if Path(name).exists():
+        return name
+    return f"hf:{name}"
 
 
 def context_templates_for(lm: LoadedModel, hp: ROMEHyperParams, path: str | Path | None = None,
@@ -54,12 +146,28 @@ def context_templates_for(lm: LoadedModel, hp: ROMEHyperParams, path: str | Path
     return sample_context_templates(lm, hp.context_template_length_params, seed=seed)
 
 
+def _cache_path(lm: LoadedModel, hp: ROMEHyperParams, corpus: TextCorpus,
+                cache_dir: str | Path | None, until_stable: Stability | None = None) -> Path:
+    """Where :func:`cached_second_moment` keeps this request's ``C``."""
+    key = StatsKey(lm.fingerprint, hp.layer, corpus.corpus_id, hp.mom2_dtype, hp.mom2_n_samples,
+                   context_length(lm), until_stable.key() if until_stable is not None else None)
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / key.filename()
+
+
 def inverse_for(
     lm: LoadedModel, hp: ROMEHyperParams, stats_file: str | Path | None = None,
-    corpus: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
-    workers: Workers = SINGLE,
+    corpus: str | TextCorpus | None = None, cache_dir: str | Path | None = None,
+    progress: bool = True, workers: Workers = SINGLE, until_stable: Stability | None = None,
 ) -> SecondMomentInverse | None:
-    """``C⁻¹`` for the edit layer: a stats file, else the on-disk cache (computing on a miss)."""
+    """``C⁻¹`` for the edit layer: a stats file, else the on-disk cache (computing on a miss).
+
+    ``until_stable``: compute ``C`` only until ``u = C⁻¹k`` of its probe keys settles
+    (:mod:`rome_edit.stats.stability`), reading at most ``mom2_n_samples`` documents.
+
+    ``corpus``: a spec (``--corpus``) or an already resolved corpus (calibration resolves a
+    sampled corpus once so that every layer reads the same sampled text); default: the
+    hparams' ``mom2_dataset`` (:func:`corpus_spec`).
+    """
     if not hp.mom2_adjustment:
         return None
     if stats_file is not None:
@@ -67,10 +175,14 @@ def inverse_for(
         stats = SecondMoment.load(stats_file, lm, hp.layer, d_mlp)
         path = Path(stats_file)
     else:
-        spec = corpus or ("bundled" if hp.mom2_dataset == "bundled" else f"hf:{hp.mom2_dataset}")
-        cached = cached_second_moment(lm, hp.layer, resolve_corpus(spec), hp.mom2_n_samples,
+        text = corpus if isinstance(corpus, TextCorpus) else \
+            resolve_corpus(corpus or corpus_spec(hp), lm=lm)
+        if text.prepare is not None and not _cache_path(lm, hp, text, cache_dir,
+                                                       until_stable).exists():
+            text.prepare(hp.mom2_n_samples)  # sampling runs the model: not inside the pass
+        cached = cached_second_moment(lm, hp.layer, text, hp.mom2_n_samples,
                                       hp.mom2_dtype, cache_dir=cache_dir, progress=progress,
-                                      workers=workers)
+                                      workers=workers, until_stable=until_stable)
         stats, path = cached.stats, cached.path
     provenance = {"model_identity": stats.model_identity, "layer": stats.layer,
                   "d_mlp": stats.d_mlp, "corpus_id": stats.corpus_id,

@@ -1,15 +1,20 @@
-"""Batch recording: flip every name's gender, record each edit, survive interruption.
+"""Batch recording: make every requested edit, record each one, survive interruption.
+
+A sweep takes generic :class:`~rome_edit.editing.request.EditRequest` s (subject, prompt, new
+and true target, optional paraphrases/neighbours) and, optionally, one binary concept label per
+request (``classes`` names label 0 and label 1) plus extra JSON fields per row; the gender study
+(:mod:`rome_edit.study`) supplies name → other-gender requests labelled by the original gender.
 
 A sweep directory holds
 
 * ``sweep.json`` — what the sweep is (model identity, layer, hyperparameters, context
   templates, statistics provenance).  Resuming with anything different is refused.
 * ``shards/NNNNN.safetensors`` + ``shards/NNNNN.jsonl`` — one pair per finished batch ``NNNNN``
-  (a fixed slice of the names), each file written to a temporary name and renamed, the JSONL
+  (a fixed slice of the requests), each file written to a temporary name and renamed, the JSONL
   last: a shard counts only once its JSONL exists, so a kill at any moment loses at most the
   batches in progress and never duplicates.  Data-parallel processes write disjoint shards.
 * after the last batch, the merged store: ``deltas.safetensors`` (tensor ``delta``, one row per
-  name in the order of ``records.jsonl``, plus ``v_orig``, ``v_star``, ``k_star``, ``u``,
+  request in the order of ``records.jsonl``, plus ``v_orig``, ``v_star``, ``k_star``, ``u``,
   ``lam``), ``records.jsonl`` and ``summary.json``.
 """
 
@@ -27,11 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from rome_edit.data.gender_task import ANSWERS, EDIT_PROMPT, other_gender
-from rome_edit.data.names import NameEntry
 from rome_edit.distributed import SINGLE, Workers
-from rome_edit.editing.evaluate import edit_fluency, evaluate_edits, summarize
+from rome_edit.editing.evaluate import KeptFact, edit_fluency, evaluate_edits, summarize
 from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.protected_keys import Protection, protect_records
 from rome_edit.editing.record import TENSOR_NAMES
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import SecondMomentInverse, compute_edits
@@ -43,11 +47,34 @@ FLUENCY_TOKENS = 30
 
 
 def _manifest(lm: LoadedModel, hp: ROMEHyperParams, templates: Sequence[str],
-              inverse: SecondMomentInverse | None, prompt: str) -> dict:
+              inverse: SecondMomentInverse | None, requests: Sequence[EditRequest]) -> dict:
+    prompts = {r.prompt for r in requests}
     return {"model_identity": lm.identity, "attn_implementation": lm.attn_implementation,
-            "layer": hp.layer, "prompt": prompt,
+            "layer": hp.layer, "prompt": prompts.pop() if len(prompts) == 1 else None,
             "hparams": hp.to_dict(), "context_templates": list(templates),
             "stats": inverse.provenance if inverse is not None else None}
+
+
+def _check_labels(requests: Sequence[EditRequest], labels: Sequence[int] | None,
+                  extra: Sequence[dict] | None) -> None:
+    if not requests:
+        raise ValueError("no edit requests to sweep; give at least one.")
+    subjects = [r.subject for r in requests]
+    if len(set(subjects)) != len(subjects):
+        twice = sorted({s for s in subjects if subjects.count(s) > 1})[:5]
+        raise ValueError(f"subjects {twice} are requested more than once; a sweep records one "
+                         "edit per subject (sweep the others into another --out directory).")
+    for what, rows in (("labels", labels), ("extra", extra)):
+        if rows is not None and len(rows) != len(requests):
+            raise ValueError(f"{len(rows)} {what} for {len(requests)} requests; give one per "
+                             "request, in request order.")
+    if labels is not None and any(isinstance(y, bool) or y not in (0, 1) for y in labels):
+        bad = sorted({repr(y) for y in labels if isinstance(y, bool) or y not in (0, 1)})[:5]
+        raise ValueError(f"labels must be 0 or 1 (a binary concept per request), got {bad}.")
+    reserved = {"subject", "label", "target", "target_true", "prompt"}
+    clash = sorted({k for row in extra or () for k in row} & reserved)
+    if clash:
+        raise ValueError(f"extra fields {clash} would overwrite the sweep's own; rename them.")
 
 
 def _shard_rows(jsonl: Path) -> list[dict]:
@@ -72,7 +99,8 @@ def _differences(existing: dict, manifest: dict, lm: LoadedModel) -> list[str]:
         return m
 
     old, new = normalised(existing), normalised(manifest)
-    return sorted(k for k in new if old.get(k) != new[k])
+    keys = set(new) | ({"protection"} & set(old))  # a protected sweep resumes only protected
+    return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 def _check_manifest(out: Path, manifest: dict, workers: Workers, lm: LoadedModel) -> None:
@@ -95,42 +123,66 @@ def _check_manifest(out: Path, manifest: dict, workers: Workers, lm: LoadedModel
 
 def run_sweep(
     lm: LoadedModel,
-    names: Sequence[NameEntry],
+    requests: Sequence[EditRequest],
     hp: ROMEHyperParams,
     context_templates: Sequence[str],
     out_dir: str | Path,
     inverse: SecondMomentInverse | None = None,
     batch_size: int = 64,
-    neighbour_names: Sequence[NameEntry] | None = None,
-    prompt: str = EDIT_PROMPT,
+    *,
+    labels: Sequence[int] | None = None,
+    classes: tuple[str, str] = ("0", "1"),
+    extra: Sequence[dict] | None = None,
+    neighbour_pool: Sequence[str] | None = None,
+    kept: Sequence[KeptFact] = (),
     progress: bool = True,
     workers: Workers = SINGLE,
     fluency_per_batch: int = 2,
+    protection: Protection | None = None,
 ) -> dict:
-    """Edit every name to the other gender, record ``delta = v* − v_orig``; resumable.
+    """Make every request's edit alone, record ``delta = v* − v_orig`` and its scores; resumable.
 
-    The names are cut into fixed batches of ``batch_size`` (batch ``b`` = names
+    ``labels`` (0/1, one per request) is the binary concept the deltas are later analysed by
+    (:class:`~rome_edit.analysis.deltas.DeltaSet`), ``classes`` names label 0 and label 1;
+    ``extra`` adds JSON fields to each request's record row.  Neighbours for specificity come
+    from each request's own ``neighbours``, else from ``neighbour_pool`` (default: the requests'
+    subjects); ``kept`` lists other facts of the subject that must not change
+    (:class:`~rome_edit.editing.evaluate.KeptFact`).
+
+    The requests are cut into fixed batches of ``batch_size`` (batch ``b`` = requests
     ``b·batch_size ..``), and batch ``b`` is stored as shard ``b``: a resumed run redoes exactly
     the batches that have no shard, with the same companions, so its deltas are bit-identical
     to an uninterrupted run's.  Data-parallel ``workers`` take every N-th batch; the main
-    process merges.  The first ``fluency_per_batch`` names of each batch also get greedy
+    process merges.  The first ``fluency_per_batch`` requests of each batch also get greedy
     generations before/after their edit and their n-gram entropy (fluency; generating costs
-    more than scoring, so it is sampled).  Returns the summary (also in ``summary.json``).
+    more than scoring, so it is sampled).  With ``protection`` every edit's update spares the
+    protected keys (:mod:`~rome_edit.editing.protected_keys`); the recorded deltas are the same.
+    Returns the summary (also in ``summary.json``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if protection is not None and hp.update_form != "paper":
+        raise ValueError("--protect builds on the paper update form (k* ↦ v*); drop --update "
+                         f"{hp.update_form} or the protection.")
+    requests = list(requests)
+    _check_labels(requests, labels, extra)
     out = Path(out_dir)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    order = [[e.name, e.gender] for e in names]
-    manifest = {**_manifest(lm, hp, context_templates, inverse, prompt),
-                "batch_size": batch_size,
-                "names_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()}
+    order = [[r.to_dict(), None if labels is None else int(labels[i])]
+             for i, r in enumerate(requests)]
+    manifest = {**_manifest(lm, hp, context_templates, inverse, requests),
+                "batch_size": batch_size, "classes": list(classes),
+                "kept": [[f.name, f.prompt, list(f.candidates)] for f in kept],
+                "requests_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()}
+    if protection is not None:  # absent for unprotected sweeps, so older folders still resume
+        manifest["protection"] = protection.manifest()
     _check_manifest(out, manifest, workers, lm)
-    batches = [list(names[i : i + batch_size]) for i in range(0, len(names), batch_size)]
+    index = list(range(len(requests)))
+    batches = [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
     todo = [b for b in range(len(batches))
             if workers.owns(b) and not _shard(shard_dir, b).with_suffix(".jsonl").exists()]
-    neighbour_names = list(neighbour_names or names)
+    pool = list(neighbour_pool) if neighbour_pool is not None else [r.subject for r in requests]
     t_start = time.perf_counter()
     mine = sum(len(batches[b]) for b in range(len(batches)) if workers.owns(b))
     bar = tqdm(total=mine, initial=mine - sum(len(batches[b]) for b in todo), unit="edit",
@@ -139,25 +191,31 @@ def run_sweep(
     for b in todo:
         batch = batches[b]
         t0 = time.perf_counter()
-        requests = [EditRequest(e.name, prompt, ANSWERS[other_gender(e.gender)],
-                                ANSWERS[e.gender]) for e in batch]
-        records = compute_edits(lm, requests, hp, context_templates, inverse,
-                                chunk_size=batch_size, progress=False)
-        scores = evaluate_edits(lm, records, neighbour_names, progress=False)
+        records = compute_edits(lm, [requests[i] for i in batch], hp, context_templates,
+                                inverse, chunk_size=batch_size, progress=False)
+        if protection is not None:
+            records = protect_records(lm, records, protection,
+                                      inverse.solver if inverse is not None else None)
+        scores = evaluate_edits(lm, records, pool, kept, progress=False)
         texts = [edit_fluency(lm, r, FLUENCY_TOKENS) for r in records[:fluency_per_batch]]
         texts += [{}] * (len(records) - len(texts))
         seconds = time.perf_counter() - t0
         stem = _shard(shard_dir, b)
         atomic_save_tensors({n: torch.stack([getattr(r, n).float() for r in records])
                              for n in TENSOR_NAMES}, stem.with_suffix(".safetensors"))
-        lines = [json.dumps({"subject": e.name, "gender": e.gender,
-                             "target": r.request.target_new, "delta_norm": float(r.delta.norm()),
+        lines = [json.dumps({"subject": r.request.subject,
+                             **({} if labels is None else {"label": int(labels[i])}),
+                             **(extra[i] if extra is not None else {}),
+                             "target": r.request.target_new, "target_true": r.request.target_true,
+                             "delta_norm": float(r.delta.norm()),
                              "v_orig_norm": float(r.v_orig.norm()), "n_steps": len(r.losses),
                              "final_loss": r.losses[-1], "seconds": seconds / len(batch),
-                             **{k: v for k, v in s.to_dict().items() if k not in ("subject",
-                                                                                   "gender")},
+                             **({} if r.protection is None else
+                                {"protect_form": r.protection["form"],
+                                 "protected_keys": r.protection["n_keys"]}),
+                             **{k: v for k, v in s.to_dict().items() if k != "subject"},
                              **text})
-                 for e, r, s, text in zip(batch, records, scores, texts)]
+                 for i, r, s, text in zip(batch, records, scores, texts)]
         # The JSONL is written last: a shard counts only once it exists.
         atomic_write_text(stem.with_suffix(".jsonl"), "\n".join(lines) + "\n")
         bar.update(len(batch))
@@ -207,6 +265,7 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     summary = {
         "n_edits": len(rows), "layer": manifest["layer"],
         "model_identity": manifest["model_identity"], "prompt": manifest["prompt"],
+        "classes": manifest.get("classes"),
         "attn_implementation": manifest.get("attn_implementation"),
         **summarize(rows),
         "seconds": seconds, "seconds_per_edit": seconds / len(rows),
@@ -214,6 +273,7 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
         "mean_delta_norm": sum(r["delta_norm"] for r in rows) / len(rows),
         "mean_v_orig_norm": sum(r["v_orig_norm"] for r in rows) / len(rows),
         "hparams": manifest["hparams"], "stats": manifest["stats"],
+        **({"protection": manifest["protection"]} if "protection" in manifest else {}),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

@@ -1,16 +1,10 @@
-"""ROME step 2: the value ``v*`` — the reference's one-request-at-a-time optimisation.
+"""ROME step 2 the reference's way: one request at a time, a full forward every step.
 
-``v* = v_init + δ`` where δ, added to the edit layer's MLP output at the subject's last token of
-every rewriting prompt and of the KL prompt, minimises (Meng et al. 2022, Eq. 4)
-
-    L(δ) = mean_j NLL(target | context_j + prompt)            (summed per prompt / #target tokens)
-           + kl_factor · KL(p_δ ‖ p_0) at the KL prompt's subject token
-           + v_weight_decay · ‖δ‖ / ‖v_init‖²                  (the norm, not its square)
-
-with Adam (lr ``v_lr``), at most ``v_num_grad_steps`` loss evaluations (no update after the last),
-stopping once L < 0.05, and projecting ‖δ‖ ≤ ``clamp_norm_factor``·‖v_init‖ after each update.
-This module is the plain implementation (a full forward per step): the ground truth that
-:mod:`rome_edit.editing.value_batched` must reproduce, and the benchmark's baseline.
+The objective, optimiser, clamp and early stop are :mod:`rome_edit.editing.value_loop`'s (Eq. 4
+of Meng et al. 2022); this module supplies its step: the rewriting prompts and the KL prompt,
+right-padded, through every block up to ``v_loss_layer`` with δ added to the edit layer's MLP
+output at the subject's last token by a hook.  It is the plain implementation that
+:mod:`rome_edit.editing.value_batched` must reproduce, and the benchmarks' baseline.
 """
 
 from __future__ import annotations
@@ -19,17 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest, PromptLayout, rewriting_layouts
+from rome_edit.editing.value_loop import EARLY_STOP_LOSS, optimise_deltas
 from rome_edit.models.architectures import edit_device
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.layers import logits_at_layer
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id, right_pad
 
-EARLY_STOP_LOSS = 5e-2
+__all__ = ["FullForward", "ValueResult", "loss_layer_of", "optimize_value"]
 
 
 @dataclass(frozen=True)
@@ -54,78 +48,67 @@ def loss_layer_of(lm: LoadedModel, hp: ROMEHyperParams) -> int:
     return loss_layer
 
 
-def rewriting_nll(log_probs: torch.Tensor, rows: Sequence[PromptLayout],
-                  lengths: Sequence[int]) -> torch.Tensor:
-    """Per-prompt NLL of the target tokens, summed and divided by their count.
+class FullForward:
+    """:class:`~rome_edit.editing.value_loop.StepProblem` of whole prompts: each step runs the
+    model's own forward over every row (right-padded), blocks ``0 .. v_loss_layer``."""
 
-    ``log_probs[i, j]`` is the next-token distribution at column ``j`` of row ``i``; row ``i``'s
-    real tokens end at column ``lengths[i] - 1``.
-    """
-    out = []
-    for i, (row, length) in enumerate(zip(rows, lengths)):
-        n_t = len(row.targets)
-        cols = torch.arange(length - n_t, length)
-        tgt = torch.tensor(row.targets)
-        out.append(-log_probs[i, cols, tgt].sum() / n_t)
-    return torch.stack(out)
+    def __init__(self, lm: LoadedModel, per_request: list[list[PromptLayout]],
+                 hp: ROMEHyperParams) -> None:
+        rows = [r for layouts in per_request for r in layouts]
+        self.lm, self.n, self.R = lm, len(per_request), len(per_request[0])
+        self.d_model = lm.model.config.hidden_size
+        self.device = edit_device(lm.model, lm.arch, hp.layer)  # δ lives beside the layer
+        self.loss_layer = loss_layer_of(lm, hp)
+        self.mlp_name = lm.arch.mlp.format(hp.layer)
+        self.ids, self.mask = right_pad([r.ids for r in rows], pad_id(lm.tokenizer), lm.device)
+        self.lookups = torch.tensor([r.lookup for r in rows], device=self.device)
+        t_max = max(1, max(len(r.targets) for r in rows))
+        t_cols = torch.zeros(len(rows), t_max, dtype=torch.long)
+        self.t_ids = torch.zeros_like(t_cols)
+        self.t_mask = torch.zeros(t_cols.shape)
+        for i, r in enumerate(rows):
+            n_t = len(r.targets)
+            if n_t:  # column j's logits predict token j + 1: the targets end the prompt
+                t_cols[i, :n_t] = torch.arange(len(r.ids) - n_t, len(r.ids))
+                self.t_ids[i, :n_t] = torch.tensor(r.targets)
+                self.t_mask[i, :n_t] = 1.0
+            else:  # the KL prompt: its subject token
+                t_cols[i, 0] = r.lookup
+        self.t_cols = t_cols.to(self.device)
+        self.t_ids, self.t_mask = self.t_ids.to(self.device), self.t_mask.to(self.device)
+        self._v_init: torch.Tensor | None = None
 
+    def logits(self, delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        lookups = self.lookups[rows]
+        index = torch.arange(len(rows), device=self.device)
 
-def regulariser(delta: torch.Tensor, v_init: torch.Tensor, hp: ROMEHyperParams) -> torch.Tensor:
-    return hp.v_weight_decay * (delta.norm(dim=-1) / v_init.norm(dim=-1) ** 2)
+        def add_delta(hidden: torch.Tensor, _name: str) -> torch.Tensor:
+            if self._v_init is None:  # δ = 0 on the first call: each request's first row
+                first = torch.arange(0, self.n * self.R, self.R, device=hidden.device)
+                self._v_init = hidden[first, lookups[first]].detach().float().clone()
+            hidden = hidden.clone()
+            hidden[index, lookups] += delta.to(hidden.dtype)
+            return hidden
 
+        rows_dev = rows.to(self.ids.device)
+        with edit_output(self.lm.model, {self.mlp_name: add_delta}):
+            logits = logits_at_layer(self.lm, self.loss_layer, input_ids=self.ids[rows_dev],
+                                     attention_mask=self.mask[rows_dev]).to(self.device)
+        cols = self.t_cols[rows]
+        return logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))
 
-def clamp_(delta: torch.Tensor, v_init: torch.Tensor, hp: ROMEHyperParams) -> None:
-    """Project each δ row back into the ball ‖δ‖ ≤ clamp_norm_factor·‖v_init‖ (in place)."""
-    with torch.no_grad():
-        max_norm = hp.clamp_norm_factor * v_init.norm(dim=-1, keepdim=True)
-        norm = delta.norm(dim=-1, keepdim=True)
-        delta.copy_(torch.where(norm > max_norm, delta * max_norm / norm, delta))
+    def v_init(self) -> torch.Tensor:
+        if self._v_init is None:
+            raise RuntimeError("v_init is read in the first step's forward; run logits first.")
+        return self._v_init
 
 
 def optimize_value(
-    lm: LoadedModel, request: EditRequest, hp: ROMEHyperParams, context_templates: Sequence[str]
+    lm: LoadedModel, request: EditRequest, hp: ROMEHyperParams, context_templates: Sequence[str],
+    early_stop_loss: float = EARLY_STOP_LOSS,
 ) -> ValueResult:
-    """Optimise δ for one request exactly as the reference does (full forward every step)."""
+    """Optimise δ for one request as the reference does (a full forward every step)."""
     layouts, kl = rewriting_layouts(lm.tokenizer, request, context_templates)
-    rows = [*layouts, kl]
-    lengths = [len(r.ids) for r in rows]
-    ids, mask = right_pad([r.ids for r in rows], pad_id(lm.tokenizer), lm.device)
-    dev = edit_device(lm.model, lm.arch, hp.layer)  # δ lives beside the edited layer
-    lookups = torch.tensor([r.lookup for r in rows], device=dev)
-    row_index = torch.arange(len(rows), device=dev)
-    loss_layer = loss_layer_of(lm, hp)
-    mlp_name = lm.arch.mlp.format(hp.layer)
-
-    d_model = lm.model.config.hidden_size
-    delta = torch.zeros(d_model, requires_grad=True, device=dev)
-    state: dict[str, torch.Tensor] = {}
-
-    def add_delta(hidden: torch.Tensor, _name: str) -> torch.Tensor:
-        if "v_init" not in state:
-            state["v_init"] = hidden[0, lookups[0]].detach().float().clone()
-        hidden = hidden.clone()
-        hidden[row_index, lookups] += delta.to(hidden.dtype)
-        return hidden
-
-    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    losses, nlls = [], []
-    for step in range(hp.v_num_grad_steps):
-        optimizer.zero_grad()
-        with edit_output(lm.model, {mlp_name: add_delta}):
-            logits = logits_at_layer(lm, loss_layer, input_ids=ids, attention_mask=mask).to(dev)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        kl_log_probs = log_probs[-1, lookups[-1]][None]
-        if "kl_init" not in state:
-            state["kl_init"] = kl_log_probs.detach().clone()
-        nll = rewriting_nll(log_probs[:-1], layouts, lengths[:-1]).mean()
-        kl_loss = hp.kl_factor * F.kl_div(state["kl_init"], kl_log_probs, log_target=True,
-                                          reduction="batchmean")
-        loss = nll + kl_loss + regulariser(delta, state["v_init"], hp)
-        losses.append(loss.item())
-        nlls.append(nll.item())
-        if loss.item() < EARLY_STOP_LOSS or step == hp.v_num_grad_steps - 1:
-            break
-        loss.backward()
-        optimizer.step()
-        clamp_(delta, state["v_init"], hp)
-    return ValueResult(state["v_init"], delta.detach().clone(), tuple(losses), tuple(nlls))
+    out = optimise_deltas(FullForward(lm, [[*layouts, kl]], hp), hp, early_stop_loss)
+    return ValueResult(out.v_init[0].cpu(), out.delta[0].detach().cpu(), out.losses[0],
+                       out.nlls[0])

@@ -122,7 +122,3 @@ def _span(prompt: str, ids: Sequence[int], hits: list[int], subject: str) -> Sub
             "is spelled as it appears in the text."
         )
     return SubjectSpan(prompt, tuple(ids), hits[0], hits[-1] + 1)
-
-
-def subject_last_index(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> int:
-    return locate_subject(tokenizer, template, subject).last

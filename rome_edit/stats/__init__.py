@@ -11,10 +11,12 @@ from rome_edit.stats.second_moment import (
     StatsMismatchError,
     compute_second_moment,
 )
+from rome_edit.stats.stability import Stability, StabilityCheck, StabilityMonitor
 
 __all__ = [
     "CachedStats", "CorpusError", "InverseSecondMoment", "SecondMoment",
-    "SecondMomentAccumulator", "SingularSecondMomentError", "StatsFileError",
+    "SecondMomentAccumulator", "SingularSecondMomentError", "Stability", "StabilityCheck",
+    "StabilityMonitor", "StatsFileError",
     "StatsKey", "StatsMismatchError", "TextCorpus", "cached_second_moment",
     "compute_second_moment", "default_cache_dir", "resolve_corpus", "solve",
 ]

@@ -34,6 +34,7 @@ from rome_edit.stats.second_moment import (
     context_length,
     stats_dtype,
 )
+from rome_edit.stats.stability import Stability, StabilityCheck, StabilityMonitor
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,13 @@ class StatsKey:
     dtype: str
     n_samples: int
     max_length: int  # documents are truncated to this many tokens
+    until_stable: str | None = None  # the stopping rule (stats.stability), if the pass may stop
 
     def filename(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        fields = asdict(self)
+        if fields["until_stable"] is None:  # keys of fixed-count passes hash as they always did
+            del fields["until_stable"]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         return f"mom2-layer{self.layer}-{self.dtype}-{digest[:16]}.safetensors"
 
 
@@ -69,6 +74,7 @@ class CachedStats:
     path: Path
     cache_hit: bool
     seconds: float
+    checks: tuple[StabilityCheck, ...] = ()  # the stability checks, when this call computed C
 
 
 def cached_second_moment(
@@ -83,10 +89,13 @@ def cached_second_moment(
     progress: bool = True,
     workers: Workers = SINGLE,
     checkpoint_every: int = 25,
+    until_stable: Stability | None = None,
 ) -> CachedStats:
     """Load ``C`` from the cache, or compute it (:func:`compute_second_moment`) and store it.
 
     With data-parallel ``workers`` all processes compute together and the main one writes.
+    With ``until_stable`` the pass may stop before ``n_samples`` documents
+    (:mod:`rome_edit.stats.stability`); the rule is part of the cache key.
     """
     start = time.perf_counter()
     check_layer(lm.model, lm.arch, layer)
@@ -95,7 +104,8 @@ def cached_second_moment(
     stats_dtype(dtype)
     corpus = corpus if corpus is not None else bundled_corpus()
     max_length = max_length or context_length(lm)
-    key = StatsKey(lm.fingerprint, layer, corpus.corpus_id, dtype, n_samples, max_length)
+    key = StatsKey(lm.fingerprint, layer, corpus.corpus_id, dtype, n_samples, max_length,
+                   until_stable.key() if until_stable is not None else None)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / key.filename()
     stats = _cached(lm, key, path)
@@ -110,16 +120,20 @@ def cached_second_moment(
     if stats is not None:
         return CachedStats(stats, path, True, time.perf_counter() - start)
     log.info("cache miss: computing %s", key)
+    if corpus.prepare is not None:  # e.g. text sampled from the model: not inside the pass
+        corpus.prepare(n_samples)
     # A killed run resumes from its partial sum (one checkpoint per process).
     partial = path.with_name(f".{path.stem}.b{batch_size}.r{workers.rank}of"
                              f"{workers.world_size}.partial.safetensors")
+    monitor = StabilityMonitor(until_stable) if until_stable is not None else None
     stats = compute_second_moment(lm, layer, corpus, n_samples, dtype, batch_size, max_length,
                                   progress, workers, checkpoint=partial,
-                                  checkpoint_every=checkpoint_every)
+                                  checkpoint_every=checkpoint_every, until_stable=monitor)
     if workers.is_main:
         stats.save(path)
     workers.barrier()
-    return CachedStats(stats, path, False, time.perf_counter() - start)
+    return CachedStats(stats, path, False, time.perf_counter() - start,
+                       tuple(monitor.checks) if monitor else ())
 
 
 def _cached(lm: LoadedModel, key: StatsKey, path: Path) -> SecondMoment | None:

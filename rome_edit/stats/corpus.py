@@ -12,7 +12,11 @@ keyed by it:
 * a folder: every ``*.txt`` file directly inside it is one document, in sorted name order,
   id ``folder:<name>:<sha256[:12]>`` over the file names and contents;
 * ``hf:NAME[:CONFIG]``: the ``text`` field of a Hugging Face dataset's train split, streamed
-  (needs the optional ``datasets`` package), id ``hf:NAME[:CONFIG]:train``.
+  (needs the optional ``datasets`` package, asked for only when this corpus is), id
+  ``hf:NAME[:CONFIG]:train``;
+* ``sampled`` / ``sampled:SEED``: text sampled from the model itself
+  (:mod:`rome_edit.stats.sampled`; a warning says what that means), id
+  ``sampled:<fingerprint>:seed<SEED>:len<L>:batch<B>``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rome_edit.data.corpus import iter_documents
-from rome_edit.data.names import load_names
+from rome_edit.models.loading import LoadedModel
+from rome_edit.study.corpus import iter_documents
+from rome_edit.study.names import load_names
 
 # The settings scripts/train_toy_model.py trains the bundled model with.
 BUNDLED_SEED = 0
@@ -41,6 +46,9 @@ class TextCorpus:
 
     corpus_id: str
     documents: Callable[[], Iterator[str]]
+    # Materialise the first n documents now: a corpus that runs the model to make its text
+    # (``sampled``) must do so before the statistics pass installs its hooks.
+    prepare: Callable[[int], None] | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self.documents()
@@ -134,11 +142,25 @@ def hf_corpus(name: str, config: str | None = None, split: str = "train",
     return TextCorpus(":".join(["hf", name, *([config] if config else []), split]), documents)
 
 
-def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False) -> TextCorpus:
-    """``None``/``"bundled"``, ``"hf:NAME[:CONFIG]"``, a text file, or a folder of .txt files."""
+def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
+                   lm: LoadedModel | None = None) -> TextCorpus:
+    """``None``/``"bundled"``, ``"hf:NAME[:CONFIG]"``, ``"sampled[:SEED]"`` (needs ``lm``, the
+    model to sample from), a text file, or a folder of .txt files."""
     if spec is None or str(spec) == "bundled":
         return bundled_corpus()
     text = str(spec)
+    if text == "sampled" or text.startswith("sampled:"):
+        seed = text.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise CorpusError(f"corpus {text!r}: the seed after 'sampled:' must be a whole "
+                              "number, e.g. sampled:0.")
+        if lm is None:
+            raise CorpusError("the 'sampled' corpus is text sampled from the model; it needs "
+                              "the model (pass lm=...).")
+        # Imported here: the sampling module builds on this one's TextCorpus.
+        from rome_edit.stats.sampled import sampled_corpus
+
+        return sampled_corpus(lm, seed=int(seed))
     if text.startswith("hf:"):
         name, _, config = text[3:].partition(":")
         if not name:

@@ -40,6 +40,7 @@ from rome_edit.stats.checkpoint import (
 )
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus, tokenize_documents
 from rome_edit.stats.inverse import InverseSecondMoment
+from rome_edit.stats.stability import Stability, StabilityMonitor
 from rome_edit.storage import atomic_save_tensors, remove_partial_writes
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,19 @@ class SecondMomentAccumulator:
 
     @property
     def matrix(self) -> torch.Tensor:
+        return self.current().cpu()
+
+    def current(self) -> torch.Tensor:
+        """``E[k kᵀ]`` so far, on the device it is accumulated on."""
         if self._sum is None or self.n_tokens == 0:
             raise ValueError("no keys were accumulated: the corpus produced no tokens; give a "
                              "corpus with some text.")
-        return (self._sum / self.n_tokens).cpu()
+        return self._sum / self.n_tokens
 
     def result(self, model_identity: str, layer: int, corpus_id: str,
-               n_documents: int) -> SecondMoment:
+               n_documents: int, stopping: str | None = None) -> SecondMoment:
         return SecondMoment(self.matrix, model_identity, layer, corpus_id, n_documents,
-                            self.n_tokens, self.dtype)
+                            self.n_tokens, self.dtype, stopping)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,6 +135,9 @@ class SecondMoment:
     n_documents: int
     n_tokens: int
     dtype: str
+    # how the pass ended when it could stop early (stats.stability): the rule and where it
+    # stopped, e.g. "until-stable:cos0.999:…; stable at 3000 documents"; None for a fixed count
+    stopping: str | None = None
     _inverses: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -185,6 +193,8 @@ class SecondMoment:
             "corpus_id": self.corpus_id, "n_documents": str(self.n_documents),
             "n_tokens": str(self.n_tokens), "dtype": self.dtype, "d_mlp": str(self.d_mlp),
         }
+        if self.stopping is not None:
+            metadata["stopping"] = self.stopping
         saved = atomic_save_tensors({TENSOR_NAME: self.matrix.contiguous()}, path, metadata)
         remove_partial_writes(saved)  # of earlier runs killed while saving
         return saved
@@ -227,7 +237,8 @@ def _read(path: Path) -> SecondMoment:
     try:
         return SecondMoment(matrix, metadata["model_identity"], int(metadata["layer"]),
                             metadata["corpus_id"], int(metadata["n_documents"]),
-                            int(metadata["n_tokens"]), metadata["dtype"])
+                            int(metadata["n_tokens"]), metadata["dtype"],
+                            metadata.get("stopping"))
     except (KeyError, ValueError) as err:
         raise StatsFileError(f"{path}: malformed metadata ({err}): {redo}.") from None
 
@@ -245,7 +256,10 @@ def context_length(lm: LoadedModel) -> int:
     raise ValueError("the model config states no context length; pass max_length (--max-length).")
 
 
-def _batches(items: Iterable[list[int]], size: int, window: int = 32
+BATCH_WINDOW = 32  # batches whose documents are sorted by length together
+
+
+def _batches(items: Iterable[list[int]], size: int, window: int = BATCH_WINDOW
              ) -> Iterator[list[list[int]]]:
     """Batches of ``size`` documents, grouped by length within windows of ``window`` batches.
 
@@ -273,6 +287,7 @@ def compute_second_moment(
     workers: Workers = SINGLE,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 25,
+    until_stable: Stability | StabilityMonitor | None = None,
 ) -> SecondMoment:
     """``C`` at ``layer`` over the first ``n_samples`` documents of ``corpus``.
 
@@ -284,6 +299,9 @@ def compute_second_moment(
     order of float additions).  With a ``checkpoint`` path the running sum is saved there
     (atomically) every ``checkpoint_every`` batches and a killed pass resumes from it
     (:mod:`rome_edit.stats.checkpoint`); the file is removed when the pass completes.
+    With ``until_stable`` the pass stops as soon as ``u = C⁻¹k`` of its probe keys settles
+    (:mod:`rome_edit.stats.stability`), ``n_samples`` being the most it reads; pass a
+    :class:`StabilityMonitor` to read its checks afterwards.
     """
     if min(n_samples, batch_size, checkpoint_every) < 1:
         raise ValueError(f"n_samples ({n_samples}), batch_size ({batch_size}) and "
@@ -298,9 +316,15 @@ def compute_second_moment(
     max_length = max_length or context_length(lm)
     accumulator = SecondMomentAccumulator(d_mlp, dtype)
     documents = itertools.islice(tokenize_documents(corpus, tokenizer, max_length), n_samples)
+    monitor = (StabilityMonitor(until_stable) if isinstance(until_stable, Stability)
+               else until_stable)
+    if monitor is not None and workers.parallel:
+        raise ValueError("--until-stable decides after each check of the whole sum; run it in "
+                         "one process, or give a fixed --n-samples to split the pass.")
     identity = PassIdentity(
         f"{lm.fingerprint}|{layer}|{corpus.corpus_id}|{dtype}|{n_samples}|"
-        f"{max_length}", batch_size, workers.rank, workers.world_size)
+        f"{max_length}" + (f"|{monitor.rule.key()}" if monitor else ""), batch_size,
+        workers.rank, workers.world_size)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     resumed = load_checkpoint(checkpoint, identity) if checkpoint else EMPTY
     accumulator.restore(resumed)
@@ -310,7 +334,11 @@ def compute_second_moment(
     with capture(lm.model, [name], inputs=True, outputs=False, stop_after=name) as record, \
             tqdm(total=n_samples, unit="doc", desc=f"C at layer {layer}",
                  disable=not progress or not workers.is_main) as bar:
-        for index, batch in enumerate(_batches(documents, batch_size)):
+        # Batches are sorted by length within windows; a pass that may stop checks only at a
+        # window's end, so what it has read is always the first n_documents documents (the
+        # same set a fixed count of n_documents reads), never the short half of a window.
+        window = BATCH_WINDOW if monitor is None else -(-monitor.rule.first_check // batch_size)
+        for index, batch in enumerate(_batches(documents, batch_size, window)):
             if not workers.owns(index) or index < resumed.next_batch:
                 bar.update(len(batch))  # another process's batch, or already in the sum
                 continue
@@ -320,15 +348,30 @@ def compute_second_moment(
             if keys is None:
                 raise ValueError(f"module {name} did not run in the forward pass; check the "
                                  "out_proj template (--module-template out_proj=...).")
-            accumulator.update(keys[mask.to(keys.device).bool()])
+            keys = keys[mask.to(keys.device).bool()]
+            accumulator.update(keys)
             n_documents += len(batch)
             bar.update(len(batch))
+            if monitor is not None:
+                monitor.observe(keys)
+                window_end = (index + 1) % window == 0
+                if window_end and monitor.due(n_documents) and monitor.stable(
+                        accumulator.current(), n_documents, accumulator.n_tokens):
+                    break
             if checkpoint and (index // workers.world_size + 1) % checkpoint_every == 0:
                 save_checkpoint(checkpoint, identity,
                                 accumulator.snapshot(n_documents, index + 1))
     accumulator.all_reduce(workers)
     n_documents = workers.sum_int(n_documents)
-    result = accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents)
+    stopping = None
+    if monitor is not None:
+        where = (f"stable at {n_documents} documents" if monitor.stopped_at
+                 else f"not stable by {n_documents} documents (the cap)")
+        stopping = f"{monitor.rule.key()}; {where}"
+        if not monitor.stopped_at:
+            log.warning("C did not meet the stability rule within %d documents; raise "
+                        "--n-samples or lower --min-cosine.", n_documents)
+    result = accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents, stopping)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
         remove_partial_writes(checkpoint)  # a checkpoint write a kill interrupted

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rome_edit.data.names import NameEntry
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import single_token_id
 from rome_edit.tracing.core import (
@@ -69,7 +68,6 @@ ROLES = ("first subject token", "middle subject tokens", "last subject token",
 LAST_SUBJECT = ROLES.index("last subject token")
 DEFAULT_MIN_EFFECT = 0.05
 DEFAULT_BATCH_PROMPTS = 32
-GENDER_ANSWERS = {"female": " Female", "male": " Male"}
 
 
 def role_positions(start: int, end: int, n_tokens: int) -> list[list[int]]:
@@ -160,38 +158,12 @@ class LocateResult:
         }
 
 
-def balanced_names(entries: Sequence[NameEntry], n: int | None) -> list[NameEntry]:
-    """The first ``n`` names alternating female, male, female, … in list order (the rest of
-    the longer gender once the other runs out), so any prefix is as balanced as it can be."""
-    by_gender = [[e for e in entries if e.gender == g] for g in ("female", "male")]
-    mixed = []
-    for i in range(max(map(len, by_gender), default=0)):
-        mixed.extend(group[i] for group in by_gender if i < len(group))
-    return mixed if n is None else mixed[:n]
-
-
-def as_cases(entries: Sequence[NameEntry | tuple[str, str]],
-             answers: dict[str, str]) -> list[tuple[str, str]]:
-    """``(subject, expected answer)`` pairs; a NameEntry's answer comes from its gender."""
-    cases = []
-    for entry in entries:
-        if isinstance(entry, NameEntry):
-            if entry.gender not in answers:
-                raise ValueError(f"no answer for gender {entry.gender!r}; give one in answers.")
-            cases.append((entry.name, answers[entry.gender]))
-        else:
-            subject, answer = entry
-            cases.append((subject, answer))
-    return cases
-
-
 def locate(
     lm: LoadedModel,
     template: str,
-    entries: Sequence[NameEntry | tuple[str, str]],
+    cases: Sequence[tuple[str, str]],
     *,
     candidates: Sequence[str] | None = None,
-    answers: dict[str, str] | None = None,
     noise: str | float = DEFAULT_NOISE,
     samples: int = DEFAULT_SAMPLES,
     window: int | None = None,
@@ -206,20 +178,19 @@ def locate(
 ) -> LocateResult:
     """Trace every case, keep the informative ones, average by role and recommend a layer.
 
-    ``answers`` maps a NameEntry's gender to its answer (default " Female"/" Male");
-    ``candidates`` (default: the distinct expected answers) are what "answers correctly" is
-    judged among.  A relative ``noise`` ("3x") is scaled by the embedding std over the traced
-    subjects in ``template``.  With the fast method the restorations of up to ``batch_prompts``
-    kept prompts are batched together (each held prompt costs the memory given in
-    :mod:`rome_edit.tracing.fast`).
+    ``cases`` are ``(subject, expected answer)`` pairs; ``candidates`` (default: the distinct
+    expected answers) are what "answers correctly" is judged among.  A relative ``noise``
+    ("3x") is scaled by the embedding std over the traced subjects in ``template``.  With the
+    fast method the restorations of up to ``batch_prompts`` kept prompts are batched together
+    (each held prompt costs the memory given in :mod:`rome_edit.tracing.fast`).
     """
     kinds = check_kinds(kinds)
     if "mlp" not in kinds:
         raise ValueError("locating the edit layer needs the 'mlp' kind; add it to kinds.")
     window = check_window(window, lm.n_layers)
-    cases = as_cases(entries, answers or GENDER_ANSWERS)
+    cases = [(str(subject), str(answer)) for subject, answer in cases]
     if not cases:
-        raise ValueError("no prompts to trace; give at least one name.")
+        raise ValueError("no prompts to trace; give at least one (subject, answer) pair.")
     candidates = tuple(candidates or dict.fromkeys(a for _, a in cases))
     candidate_ids = torch.tensor([single_token_id(lm.tokenizer, c) for c in candidates])
     missing = sorted({a for _, a in cases} - set(candidates))

@@ -1,0 +1,178 @@
+"""``rome-edit calibrate``: measure a grid of hyperparameters on a model, write the chosen file.
+
+Edits a balanced sample of names to the other gender for every candidate (see
+:mod:`rome_edit.calibration`), prints the table, and writes ``--out`` (reference-format hparams,
+usable with ``--hparams`` everywhere) plus a report folder (table as JSON and markdown, the
+per-layer figure).  Every argument is checked before the model is loaded, so a bad one leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from rome_edit.calibration import CalibrationGrid, ChoiceRule, calibrate, write_report
+from rome_edit.calibration.grid import DEFAULT_BAND, DEFAULT_CLAMPS, DEFAULT_STEPS
+from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.editing.context import load_context_templates
+from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.request import EditRequest
+from rome_edit.models.subject import split_template
+from rome_edit.stats.stability import Stability
+from rome_edit.study.names import NameEntry, load_names
+from rome_edit.study.task import ANSWERS, CITY_FACT, EDIT_PROMPT, gender_request, other_gender
+
+DEFAULT_N = 32
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="measure layers/clamps/steps on a sample of edits, write hparams")
+    add_model_args(p)
+    p.add_argument("--out", required=True, type=Path, help="hparams JSON to write")
+    p.add_argument("--report", type=Path, default=None,
+                   help="folder for the table and figure (default: OUT's name + '-report')")
+    p.add_argument("--prompt", default=EDIT_PROMPT,
+                   help="edit prompt with '{}' for the name (default: %(default)r)")
+    p.add_argument("--answers", nargs=2, metavar=("FEMALE", "MALE"), default=None,
+                   help="answers of female and male names on --prompt (default for the "
+                        "default prompt: ' Female' ' Male'; required for other prompts)")
+    p.add_argument("--names", type=Path, default=None,
+                   help="names CSV (name,gender[,split]); default: the bundled list's 'edit' "
+                        "split; every name of the file serves as a neighbour")
+    p.add_argument("--n", type=int, default=DEFAULT_N,
+                   help="edits per candidate, half female and half male (default %(default)s)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers to measure (default: the traced layer ± --band)")
+    p.add_argument("--band", type=int, default=DEFAULT_BAND,
+                   help="layers each side of the traced one (default %(default)s)")
+    p.add_argument("--clamps", type=float, nargs="+", default=list(DEFAULT_CLAMPS),
+                   help="clamp_norm_factor values (default %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS),
+                   help="v_num_grad_steps values (default %(default)s)")
+    p.add_argument("--loss-layers", type=int, nargs="+", default=[-1],
+                   help="v_loss_layer values, negative from the end (default: -1, the last)")
+    p.add_argument("--min-specificity-random", type=float, default=0.99,
+                   help="rule: random-name specificity floor (default %(default)s)")
+    p.add_argument("--fluency-tolerance", type=float, default=0.05,
+                   help="rule: allowed relative fluency drop (default %(default)s)")
+    p.add_argument("--base", default=None,
+                   help="hparams JSON whose other values the grid keeps (default: the preset, "
+                        "or the no-preset defaults)")
+    p.add_argument("--corpus", default=None,
+                   help="statistics corpus: bundled, sampled[:SEED], a folder or file, hf:NAME "
+                        "(default: the base hparams' mom2_dataset)")
+    p.add_argument("--context-templates", default=None,
+                   help="JSON list of templates with '{}' (default: sampled from the model)")
+    p.add_argument("--n-fluency", type=int, default=4,
+                   help="edits per candidate whose generations measure fluency (default "
+                        "%(default)s)")
+    p.add_argument("--until-stable", action="store_true",
+                   help="compute each layer's C only until u = C⁻¹k settles (checks and "
+                        "probes as 'rome-edit stats --until-stable' by default); the hparams' "
+                        "mom2_n_samples is the cap")
+    p.add_argument("--min-cosine", type=float, default=0.999,
+                   help="with --until-stable: stability threshold (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the name sample and the context templates")
+    p.set_defaults(func=run_calibrate)
+
+
+def balanced_sample(entries: list[NameEntry], n: int, seed: int) -> list[NameEntry]:
+    """``n`` names, ⌈n/2⌉ female and ⌊n/2⌋ male, drawn with ``seed``, alternating genders."""
+    rng = random.Random(seed)
+    groups = {g: [e for e in entries if e.gender == g] for g in ("female", "male")}
+    want = {"female": (n + 1) // 2, "male": n // 2}
+    for g, group in groups.items():
+        if len(group) < want[g]:
+            raise ValueError(f"--n {n} needs {want[g]} {g} names but the names file has "
+                             f"{len(group)}; lower --n or add names.")
+    picked = {g: rng.sample(group, want[g]) for g, group in groups.items()}
+    out = []
+    for i in range(max(want.values())):
+        out += [picked[g][i] for g in ("female", "male") if i < want[g]]
+    return out
+
+
+def requests_for(entries: list[NameEntry], prompt: str,
+                 answers: dict[str, str]) -> list[EditRequest]:
+    """Each name → the other gender on ``prompt`` (the study's requests, with its paraphrases),
+    answered with ``answers`` on that prompt."""
+    return [replace(gender_request(e, prompt), target_new=answers[other_gender(e.gender)],
+                    target_true=answers[e.gender]) for e in entries]
+
+
+def _checked(args: argparse.Namespace) -> tuple[CalibrationGrid, ChoiceRule, dict[str, str]]:
+    if args.out.is_dir() or args.out.suffix != ".json":
+        raise ValueError(f"--out {args.out} must be a .json file path (the hparams to write); "
+                         "give a file name such as hparams.json.")
+    report = args.report or args.out.with_name(args.out.stem + "-report")
+    if report.exists() and not report.is_dir():
+        raise ValueError(f"--report {report} is a file; give a folder.")
+    if args.n < 2:
+        raise ValueError(f"--n must be ≥ 2, one female and one male name (got {args.n}).")
+    if args.n_fluency < 0:
+        raise ValueError(f"--n-fluency must be ≥ 0 (got {args.n_fluency}).")
+    if args.until_stable:
+        Stability(min_cosine=args.min_cosine)  # refuses a bad value before the model loads
+    split_template(args.prompt)
+    if args.answers is None and args.prompt != EDIT_PROMPT:
+        raise ValueError(f"for prompt {args.prompt!r} give the answers of female and male names, "
+                         f"e.g. --answers ' she' ' he' (the defaults suit only {EDIT_PROMPT!r}).")
+    female, male = args.answers or (ANSWERS["female"], ANSWERS["male"])
+    if female == male:
+        raise ValueError(f"--answers gives {female!r} twice; the two answers must differ.")
+    grid = CalibrationGrid(band=args.band, clamps=tuple(args.clamps), steps=tuple(args.steps),
+                           loss_layers=tuple(args.loss_layers),
+                           layers=tuple(args.layers) if args.layers else None)
+    rule = ChoiceRule(min_specificity_random=args.min_specificity_random,
+                      fluency_tolerance=args.fluency_tolerance)
+    return grid, rule, {"female": female, "male": male}
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    grid, rule, answers = _checked(args)
+    report = args.report or args.out.with_name(args.out.stem + "-report")
+    names = load_names(args.names, None if args.names else "edit")
+    pool = [e.name for e in (load_names(args.names) if args.names else load_names())]
+    sample = balanced_sample(names, args.n, args.seed)
+    base = ROMEHyperParams.load(args.base) if args.base else None
+    templates = load_context_templates(args.context_templates) if args.context_templates \
+        else None
+    requests = requests_for(sample, args.prompt, answers)
+    lm = model_from_args(args)
+    print(f"calibrating {lm.name} on {len(requests)} edits of {args.prompt!r} "
+          f"(clamps {list(grid.clamps)}, steps {list(grid.steps)}, "
+          f"loss layers {list(grid.loss_layers)})")
+    result = calibrate(lm, requests, neighbour_pool=pool, kept=[CITY_FACT], grid=grid, rule=rule,
+                       base=base, context_templates=templates, corpus=args.corpus,
+                       n_fluency=args.n_fluency, seed=args.seed,
+                       until_stable=Stability(min_cosine=args.min_cosine)
+                       if args.until_stable else None)
+    paths = write_report(result, args.out, report)
+    print(f"traced layer {result.traced_layer}; per layer (best efficacy / best "
+          "allowed by the rule / trace MLP effect):")
+    for p in result.per_layer():
+        allowed = "–" if p["best_eligible_efficacy"] is None else \
+            f"{p['best_eligible_efficacy']:.3f}"
+        effect = "–" if p["trace_mlp_effect"] is None else f"{p['trace_mlp_effect']:+.4f}"
+        print(f"  layer {p['layer']}: {p['best_efficacy']:.3f} / {allowed} / {effect}")
+    c = result.chosen
+    if not result.choice.rule_met:
+        print("WARNING: no candidate met the rule; the most specific one was chosen.")
+    print(f"chosen: layer {c['layer']}, clamp {c['clamp_norm_factor']:g}, steps "
+          f"{c['v_num_grad_steps']}, loss layer {c['v_loss_layer']}: efficacy "
+          f"{c['efficacy']:.3f}, paraphrase {_fmt(c.get('paraphrase'))}, specificity random "
+          f"{_fmt(c.get('specificity_random'))}, same last token "
+          f"{_fmt(c.get('specificity_same_last_token'))}, city kept {_fmt(c.get('city_kept'))}, "
+          f"fluency {_fmt(c['fluency_after'])} (unedited {_fmt(result.fluency_before)})")
+    print(f"{len(result.rows)} candidates in {result.seconds:.0f} s; wrote {paths['hparams']} "
+          f"and {report}/ (calibration.md, calibration.json, calibration_layers.png)")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"

@@ -1,0 +1,46 @@
+"""``--protect`` and its companions, shared by ``edit``, ``sweep`` and ``apply``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from rome_edit.editing.protect import PROTECT_FORMS, ProtectSettings
+from rome_edit.editing.protected_keys import SOURCES, Protection, build_bank, read_names_file
+from rome_edit.models.loading import LoadedModel
+
+_DEFAULT = ProtectSettings()
+
+
+def add_protect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protect", default=None, metavar="other-names|same-last-token|FILE",
+                   help="keep the edit layer's output at other subjects' keys unchanged: every "
+                        "other name, the names sharing the edited name's last token, or the "
+                        "names in FILE (CSV with a 'name' column, or one per line); see "
+                        "docs/beyond-rome.md")
+    p.add_argument("--protect-form", choices=PROTECT_FORMS, default=_DEFAULT.form,
+                   help="hard constraints, soft penalty, AlphaEdit null space, or auto (hard "
+                        "while the protected keys are at most a quarter of the key width, soft "
+                        "beyond; default)")
+    p.add_argument("--protect-weight", type=float, default=_DEFAULT.weight,
+                   help=f"soft form: each protected key weighs this many average corpus tokens "
+                        f"(default {_DEFAULT.weight:g})")
+    p.add_argument("--protect-threshold", type=float, default=_DEFAULT.threshold,
+                   help=f"null-space form: eigenvalues below this fraction of the largest span "
+                        f"the null space (default {_DEFAULT.threshold:g}, AlphaEdit's)")
+    p.add_argument("--protect-names", default=None,
+                   help="names CSV that other-names / same-last-token choose from (default: "
+                        "the run's names, else the bundled names)")
+
+
+def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, prompt: str,
+                         pool: Sequence[str], context_templates: Sequence[str]
+                         ) -> Protection | None:
+    """The protection the arguments ask for (``None`` without ``--protect``)."""
+    if args.protect is None:
+        return None
+    settings = ProtectSettings(args.protect_form, args.protect_weight, args.protect_threshold)
+    if args.protect in SOURCES and args.protect_names is not None:
+        pool = read_names_file(args.protect_names)
+    return Protection(build_bank(lm, layer, prompt, list(pool), context_templates, args.protect),
+                      settings)

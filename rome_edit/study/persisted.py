@@ -1,0 +1,86 @@
+"""One saved model holding the gender vector for many names (``rome-edit apply --persist``).
+
+The study's test of a vector (seed 001) writes ``v_orig + s·g`` for one held-out name at a time,
+in memory.  Here every name gets its edit in one model (:func:`rome_edit.editing.many.
+write_edits`), the model is saved as a standard checkpoint, and the flips are measured on the
+checkpoint *loaded fresh*: ``flip_f_to_m`` / ``keep_m`` under ``+g`` (``flip_m_to_f`` /
+``keep_f`` under ``−g``), and ``others_kept`` — the names not edited whose predicted gender did
+not change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rome_edit.analysis.concept_vector import ConceptVector
+from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
+from rome_edit.editing.persist import save_edited
+from rome_edit.editing.protect import Solver
+from rome_edit.editing.protected_keys import Protection
+from rome_edit.models.loading import LoadedModel, load_model
+from rome_edit.study.edited_model import ModelState, model_state
+from rome_edit.study.names import NameEntry
+from rome_edit.study.task import EDIT_PROMPT
+
+log = logging.getLogger(__name__)
+ANALYSIS_FILE = "analysis.json"
+
+__all__ = ["default_scale", "persist_vector", "score_persisted"]
+
+
+def default_scale(vector_path: str | Path, gv: ConceptVector) -> tuple[float, str]:
+    """The multiplier of the stored vector that ``analyze`` found best (highest mean flip rate
+    with both keep rates ≥ its threshold), read from ``analysis.json`` beside the vector; its
+    ``best_scale.scale`` is a multiple of the mean delta norm.  ``(1.0, why)`` without one."""
+    path = Path(vector_path).with_name(ANALYSIS_FILE)
+    if not path.exists():
+        return 1.0, f"no {ANALYSIS_FILE} beside the vector: scale 1"
+    best = json.loads(path.read_text()).get("best_scale")
+    if not best:
+        return 1.0, f"{path} records no usable scale: scale 1"
+    multiplier = float(best["scale"]) * gv.mean_delta_norm / float(gv.vector.norm())
+    return multiplier, f"best documented scale {best['scale']} × mean delta norm ({path})"
+
+
+def persist_vector(lm: LoadedModel, names: Sequence[str], vector: torch.Tensor, layer: int,
+                   context_templates: Sequence[str], out_dir: str | Path,
+                   solver: Solver | None = None, form: ManyForm = "sequential",
+                   protection: Protection | None = None,
+                   mom2_weight: float = DEFAULT_MOM2_WEIGHT, described: dict | None = None,
+                   prompt: str = EDIT_PROMPT, progress: bool = True) -> Path:
+    """Write ``v_orig + vector`` for every name into ``lm`` (persistently) and save it."""
+    base = lm.identity
+    targets = vector_targets(lm, layer, names, vector, context_templates, prompt)
+    result = write_edits(lm, targets, form, solver, protection, mom2_weight, progress)
+    written = {**result.to_dict(), **(described or {}), "vector_norm": float(vector.norm())}
+    return save_edited(lm, out_dir, targets, base, written)
+
+
+def score_persisted(directory: str | Path, before: ModelState, edited: Sequence[NameEntry],
+                    sign: int, attn_implementation: str = "eager") -> dict:
+    """Load the checkpoint fresh and score it: flips/keeps over ``edited`` for a ``+g``
+    (``sign`` 1) or ``−g`` model, and the other names' gender kept."""
+    fresh = load_model(directory, attn_implementation=attn_implementation)
+    after = model_state(fresh, before.names)
+    index = {n: i for i, n in enumerate(before.names)}
+    edited_names = {e.name for e in edited}
+    moved_to = "male" if sign > 0 else "female"
+    flip_from = "female" if sign > 0 else "male"
+
+    def rate(flags: list[bool]) -> float | None:
+        return sum(flags) / len(flags) if flags else None
+
+    flip = [after.gender[index[e.name]] == moved_to for e in edited if e.gender == flip_from]
+    keep = [after.gender[index[e.name]] == moved_to for e in edited if e.gender == moved_to]
+    others = [after.gender[i] == before.gender[i] for n, i in index.items()
+              if n not in edited_names]
+    key = "f_to_m" if sign > 0 else "m_to_f"
+    return {f"flip_{key}": rate(flip), f"keep_{'m' if sign > 0 else 'f'}": rate(keep),
+            "others_kept": rate(others), "n_flip": len(flip), "n_keep": len(keep),
+            "n_others": len(others), "loaded_from": str(directory),
+            "model_identity": fresh.identity}

@@ -1,0 +1,265 @@
+"""The "Beyond ROME" figures on the bundled model (docs/beyond-rome.md), one part at a time.
+
+    python scripts/measure_beyond_rome.py sweep      # faithful vs protected 1,000-name sweeps
+    python scripts/measure_beyond_rome.py persist    # one checkpoint holding ±g for 120 names
+    python scripts/measure_beyond_rome.py degrade    # N = 10, 100, 1,000 edits in one model
+    python scripts/measure_beyond_rome.py forensics  # on the persist part's checkpoints
+    python scripts/measure_beyond_rome.py forms      # reach and cost of each protection form
+
+Results go to ``docs/beyond-rome/*.json`` (and ``degradation.png``).  ``--limit N`` runs each part
+on a few names (a smoke test; its figures mean nothing).  ``degrade`` writes the recorded deltas
+of ``vectors/bundled-sweep`` (the faithful sweep: the same ``k*`` and ``v*`` whatever the
+update form), so it re-optimises nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from rome_edit.analysis.concept_vector import load_concept_vector
+from rome_edit.editing.apply import preserved
+from rome_edit.editing.forensics import changed_layers, compare_with_targets, identify_edits
+from rome_edit.editing.key import keys_and_values
+from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, write_edits
+from rome_edit.editing.persist import load_persisted, load_targets
+from rome_edit.editing.protect import ProtectedDirections, ProtectSettings, second_moment_matrix
+from rome_edit.editing.protected_keys import Protection, build_bank
+from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
+from rome_edit.models.loading import load_model
+from rome_edit.study.edited_model import model_state, score_model
+from rome_edit.study.names import load_names
+from rome_edit.study.persisted import default_scale, persist_vector, score_persisted
+from rome_edit.study.sweep import run_gender_sweep
+from rome_edit.study.task import EDIT_PROMPT, other_gender
+
+OUT = Path("docs/beyond-rome")
+SWEEP = Path("vectors/bundled-sweep")
+SHOWN = ("n_edits", "efficacy", "paraphrase", "specificity", "specificity_same_last_token",
+         "specificity_random", "city_kept", "fluency_before", "fluency_after",
+         "seconds_per_edit")
+
+
+def setup():
+    lm = load_model()
+    hp = default_hparams(lm)
+    templates = context_templates_for(lm, hp, seed=0)
+    inverse = inverse_for(lm, hp, progress=False)
+    return lm, hp, templates, inverse
+
+
+def write_json(name: str, data: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / name).write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data, indent=1)[:3000])
+
+
+def part_sweep(args) -> None:
+    """Faithful ROME and protected ROME over the 1,000 recorded-edit names, same run."""
+    lm, hp, templates, inverse = setup()
+    names = load_names()
+    edit = [e for e in names if e.split == "edit"][: args.limit]
+    work = Path(args.work)
+    out = {}
+    runs = (("faithful", None), ("protected", "same-last-token"))
+    for label, source in [r for r in runs if args.only in (None, r[0])]:
+        folder = work / f"sweep-{label}"
+        shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.perf_counter()
+        protection = None
+        if source is not None:
+            bank = build_bank(lm, hp.layer, EDIT_PROMPT, [e.name for e in names], templates,
+                              source)
+            protection = Protection(bank, ProtectSettings())
+        setup_s = time.perf_counter() - t0
+        summary = run_gender_sweep(lm, edit, hp, templates, folder, inverse,
+                                   neighbour_names=names, protection=protection, progress=False)
+        out[label] = {**{k: summary[k] for k in SHOWN}, "protected_keys_s": setup_s,
+                      "protection": summary.get("protection")}
+    if args.only is None:
+        faithful = load_targets([work / "sweep-faithful"])
+        protected = load_targets([work / "sweep-protected"])
+        out["delta_max_abs_difference"] = (faithful.delta - protected.delta).abs().max().item()
+    else:  # the other run's figures: the recorded faithful sweep
+        protected = load_targets([work / "sweep-protected"])
+        recorded = load_targets([SWEEP])
+        out["faithful_recorded"] = {k: json.loads((SWEEP / "summary.json").read_text())[k]
+                                    for k in SHOWN}
+        out["delta_max_abs_difference_vs_recorded"] = (
+            recorded.subset(len(protected.subjects)).delta - protected.delta).abs().max().item()
+    write_json(f"protected_sweep{'' if args.only is None else '_' + args.only}.json", out)
+
+
+def part_persist(args) -> None:
+    """+g and −g written for all held-out names into one saved model each, loaded fresh."""
+    lm, hp, templates, inverse = setup()
+    names = load_names()
+    heldout = [e for e in names if e.split == "heldout"][: args.limit]
+    gv_path = SWEEP / "analysis" / "gender_vector.safetensors"
+    gv = load_concept_vector(gv_path)
+    scale, why = default_scale(gv_path, gv)
+    pool = [e.name for e in names]
+    before = model_state(lm, pool)
+    bank = build_bank(lm, gv.layer, EDIT_PROMPT, pool, templates, "other-names")
+    solver = inverse.solver if inverse is not None else None
+    out: dict = {"vector": str(gv_path), "scale": scale, "scale_source": why,
+                 "n_names": len(heldout), "runs": []}
+    work = Path(args.work)
+    for form, protect in (("sequential", True), ("sequential", False)):
+        for sign in (1, -1):
+            folder = work / f"persist-{form}-{'protected' if protect else 'plain'}-{sign:+d}"
+            shutil.rmtree(folder, ignore_errors=True)
+            t0 = time.perf_counter()
+            with preserved(lm, [gv.layer]):
+                persist_vector(lm, [e.name for e in heldout], gv.vector.float() * scale * sign,
+                               gv.layer, templates, folder, solver, form,
+                               Protection(bank) if protect else None, progress=False,
+                               described={"sign": sign, "scale": scale})
+            seconds = time.perf_counter() - t0
+            score = score_persisted(folder, before, heldout, sign)
+            out["runs"].append({"form": form, "protected": protect, "sign": sign,
+                                "write_and_save_s": seconds, **score})
+    write_json("persisted_vector.json", out)
+
+
+def part_degrade(args) -> None:
+    """N edits from the recorded sweep written into one model, four ways."""
+    lm, hp, templates, inverse = setup()
+    names = load_names()
+    pool = [e.name for e in names]
+    rows = [json.loads(line) for line in (SWEEP / "records.jsonl").read_text().splitlines()]
+    gender = {r["subject"]: r["gender"] for r in rows}
+    everything = load_targets([SWEEP], lm)
+    bank = build_bank(lm, hp.layer, EDIT_PROMPT, pool, templates, "other-names")
+    solver = inverse.solver if inverse is not None else None
+    sizes = [n for n in (10, 100, 1000) if n <= args.limit]
+    n_gen = 10
+    before = model_state(lm, pool, [r["subject"] for r in rows[:n_gen]])
+    table = []
+    for n in sizes:
+        targets = everything.subset(n)
+        goal = {s: other_gender(gender[s]) for s in targets.subjects}
+        for form in ("sequential", "batched"):
+            for protect in (False, True):
+                with preserved(lm, [hp.layer]):
+                    res = write_edits(lm, targets, form, solver,
+                                      Protection(bank) if protect else None,
+                                      DEFAULT_MOM2_WEIGHT, progress=False)
+                    after = model_state(lm, pool, targets.subjects[:n_gen])
+                score = score_model(lm, before, after, goal)
+                table.append({"n": n, "form": form, "protected": protect,
+                              "write_s": res.seconds, "delta_w_norm": res.delta_w_norm,
+                              **score.to_dict()})
+                print(json.dumps(table[-1]))
+    write_json("degradation.json", {"mom2_weight": DEFAULT_MOM2_WEIGHT,
+                                    "protect": ProtectSettings().to_dict(), "rows": table})
+    plot_degradation(table, OUT / "degradation.png")
+
+
+def plot_degradation(table: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(11, 3.4))
+    metrics = ("efficacy", "specificity", "city_kept", "fluency_after")
+    for ax, metric in zip(fig.subplots(1, len(metrics)), metrics):
+        for form, style in (("sequential", "-"), ("batched", "--")):
+            for protect, colour in ((False, "tab:red"), (True, "tab:blue")):
+                pts = [(r["n"], r[metric]) for r in table
+                       if r["form"] == form and r["protected"] == protect]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour,
+                        marker="o", label=f"{form}{' + protect' if protect else ''}")
+        ax.set_xscale("log")
+        ax.set_xlabel("edits in one model")
+        ax.set_title(metric.replace("_", " "))
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle("bundled toy GPT-J, layer 1: N recorded gender edits written together")
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def part_forensics(args) -> None:
+    """Name the edited subjects of the persist part's checkpoints among all bundled names."""
+    original, hp, templates, inverse = setup()
+    pool = [e.name for e in load_names()]
+    solver = inverse.solver if inverse is not None else None
+    out = []
+    for folder in sorted(Path(args.work).glob("persist-*")):
+        meta, targets = load_persisted(folder)
+        edited = load_model(folder)
+        t0 = time.perf_counter()
+        changes = changed_layers(edited, original)
+        found = [f for c in changes for f in identify_edits(edited, original, c, pool,
+                                                             meta["prompt"], templates, solver)]
+        out.append({"checkpoint": folder.name, "layers": [c.to_dict() for c in changes],
+                    "seconds": time.perf_counter() - t0,
+                    **compare_with_targets(found, targets.subjects, targets.delta)})
+        print(json.dumps(out[-1])[:600])
+    write_json("forensics.json", {"candidates": len(pool), "checkpoints": out})
+
+
+def part_forms(args) -> None:
+    """Each protection form on every 25th recorded edit: how far the update reaches other
+    names (``r = uᵀk / uᵀk*`` at their bare-prompt keys; the layer moves by ``r·(v* − W k*)``)
+    and what it costs at average tokens (``uᵀCu`` over ROME's paper-form ``u``)."""
+    lm, hp, templates, inverse = setup()
+    pool = [e.name for e in load_names()]
+    everything = load_targets([SWEEP], lm)
+    bank = build_bank(lm, hp.layer, EDIT_PROMPT, pool, templates, "other-names")
+    k_bare, _ = keys_and_values(lm, hp.layer, [EDIT_PROMPT] * len(pool), pool)
+    c = second_moment_matrix(inverse.solver, bank.keys.shape[1])
+    index = {n: i for i, n in enumerate(pool)}
+    toks = bank.last_tokens
+    rows = []
+    for form, weight, threshold, scope in (
+            ("paper", 0.0, 0.0, "-"), ("hard", 0.0, 0.0, "same-last-token"),
+            ("soft", 0.01, 0.0, "other-names"), ("soft", 0.1, 0.0, "other-names"),
+            ("soft", 1.0, 0.0, "other-names"), ("soft", 100.0, 0.0, "other-names"),
+            ("null-space", 0.0, 1e-2, "other-names"), ("null-space", 0.0, 1e-3, "other-names")):
+        settings = ProtectSettings("hard" if form == "paper" else form, weight or 1.0,
+                                   threshold or 1e-2)
+        dirs = ProtectedDirections(bank.keys, settings, inverse.solver)
+        own, same, cost = [], [], []
+        for i in range(0, len(everything.subjects), 25)[: args.limit]:
+            j, k = index[everything.subjects[i]], everything.k_star[i]
+            paper = inverse.solver.solve(k[None].double())[0]
+            paper = paper / (paper @ k.double())
+            keep = [q for q in range(len(pool)) if q != j and
+                    (scope == "other-names" or toks[q] == toks[j])] if form != "paper" else []
+            u = dirs.direction(k, torch.tensor(keep, dtype=torch.long)).double()
+            own.append((u @ k_bare[j].double()).item())
+            same += [(u @ k_bare[q].double()).item() for q in range(len(pool))
+                     if toks[q] == toks[j] and q != j]
+            cost.append(((u @ c @ u) / (paper @ c @ paper)).item())
+        rows.append({"form": form, "weight": weight or None, "threshold": threshold or None,
+                     "protected": scope, "n_edits": len(own),
+                     "self_ratio_median": statistics.median(own),
+                     "same_last_token_share_above_half":
+                         sum(abs(r) > 0.5 for r in same) / max(1, len(same)),
+                     "same_last_token_ratio_median": statistics.median(same),
+                     "cost_median": statistics.median(cost), "cost_max": max(cost)})
+        print(json.dumps(rows[-1]))
+    write_json("forms.json", {"rows": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["sweep", "persist", "degrade", "forensics", "forms"])
+    parser.add_argument("--only", choices=["faithful", "protected"], default=None,
+                        help="sweep part: run only one of the two sweeps")
+    parser.add_argument("--limit", type=int, default=10_000, help="fewer names (smoke test)")
+    parser.add_argument("--work", default="/tmp/rome-edit-beyond",
+                        help="where sweeps and checkpoints are written")
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    {"sweep": part_sweep, "persist": part_persist, "degrade": part_degrade,
+     "forensics": part_forensics, "forms": part_forms}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Protected updates, many edits in one layer, and saved edited checkpoints (tiny models)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rome_edit.editing.apply import add_rank_one, preserved
+from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.many import EditTargets, batched_delta, vector_targets, write_edits
+from rome_edit.editing.persist import MANIFEST, load_persisted, save_edited
+from rome_edit.editing.protect import (
+    ProtectedDirections,
+    ProtectSettings,
+    protected_direction,
+)
+from rome_edit.editing.protected_keys import (
+    Protection,
+    build_bank,
+    layer_output,
+    protect_records,
+    read_names_file,
+)
+from rome_edit.editing.record import EditRecord
+from rome_edit.editing.request import EditRequest
+from rome_edit.editing.rome import SecondMomentInverse, compute_edits
+from rome_edit.models.architectures import out_proj_weight
+from rome_edit.stats.inverse import InverseSecondMoment
+
+CTX = ["{}", "The weather was cold. {}", "Record. {}"]
+PROMPT = "Name: {}. Gender:"
+NEIGHBOURS = ["David", "Christopher", "Ani", "Brittney", "Tiffany", "Anna", "Daniel"]
+
+
+def _inverse(lm, layer=1, seed=0):
+    d_mlp = out_proj_weight(lm.model, lm.arch, layer).shape[1 - int(lm.arch.out_proj_transposed)]
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d_mlp, d_mlp, generator=g)
+    c = (a @ a.T / d_mlp + torch.eye(d_mlp)).double()
+    prov = {"model_identity": lm.identity, "layer": layer, "d_mlp": d_mlp}
+    return SecondMomentInverse(InverseSecondMoment.from_matrix(c), prov), c
+
+
+def _hp(lm):
+    return ROMEHyperParams(layers=(1,), v_loss_layer=lm.n_layers - 1, v_num_grad_steps=5,
+                           mom2_adjustment=True)
+
+
+@pytest.fixture
+def edited(tiny_gptj):
+    lm = tiny_gptj
+    inverse, c = _inverse(lm)
+    req = EditRequest("Brittany", PROMPT, " Male", " Female")
+    (record,) = compute_edits(lm, [req], _hp(lm), CTX, inverse, progress=False)
+    return lm, inverse, c, record
+
+
+@pytest.mark.parametrize("form", ["hard", "null-space"])
+def test_protected_keys_do_not_move_while_k_star_maps_to_v_star(edited, form):
+    lm, inverse, c, record = edited
+    bank = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names")
+    settings = ProtectSettings(form, threshold=0.0)
+    (prot,) = protect_records(lm, [record], Protection(bank, settings), inverse.solver)
+    out_before = layer_output(lm, 1, bank.keys)
+    with preserved(lm, [1]):
+        add_rank_one(lm, 1, record.u, record.lam)  # unprotected: the neighbours move
+        moved = (layer_output(lm, 1, bank.keys) - out_before).abs().max().item()
+    with preserved(lm, [1]):
+        add_rank_one(lm, 1, prot.u, prot.lam)
+        kept = (layer_output(lm, 1, bank.keys) - out_before).abs().max().item()
+        v_k_star = layer_output(lm, 1, prot.k_star[None])[0]
+    assert moved > 1e-2
+    assert kept < 1e-5, kept
+    assert (v_k_star - prot.v_star).norm() / prot.v_star.norm() < 1e-5
+    assert torch.equal(prot.delta, record.delta)  # the recorded delta does not depend on form
+    assert prot.protection["form"] == form
+    assert prot.protection["names"] == NEIGHBOURS and prot.protection["n_keys"] == 7
+
+
+def test_hard_direction_is_the_closed_form(edited):
+    lm, inverse, c, record = edited
+    keys = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names").keys
+    u = protected_direction(record.k_star, keys, ProtectSettings("hard"), inverse.solver)
+    big_k = torch.cat([record.k_star[None], keys]).double().T  # d × (m+1)
+    c_inv = torch.linalg.inv(c)
+    e1 = torch.zeros(big_k.shape[1], dtype=torch.float64)
+    e1[0] = 1
+    expected = c_inv @ big_k @ torch.linalg.solve(big_k.T @ c_inv @ big_k, e1)
+    assert torch.allclose(u.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+    # the soft form tends to the hard form as its weight grows; with no keys it is ROME's u
+    soft = protected_direction(record.k_star, keys, ProtectSettings("soft", weight=1e9),
+                               inverse.solver)
+    assert torch.nn.functional.cosine_similarity(soft, u, dim=0) > 1 - 1e-6
+    plain = protected_direction(record.k_star, keys[:0], ProtectSettings("hard"), inverse.solver)
+    paper = record.u / torch.dot(record.u, record.k_star)
+    assert torch.allclose(plain, paper, rtol=1e-4, atol=1e-7)
+
+
+def test_soft_downdate_equals_direct_solve():
+    g = torch.Generator().manual_seed(1)
+    d, n = 48, 100
+    bank = torch.randn(n, d, generator=g)
+    c = torch.randn(d, d, generator=g)
+    c = c @ c.T / d + torch.eye(d)
+    solver = InverseSecondMoment.from_matrix(c)
+    settings = ProtectSettings("soft", weight=5.0)
+    dirs = ProtectedDirections(bank, settings, solver)
+    k = torch.randn(d, generator=g)
+    keep = torch.arange(1, n)  # the Schur-complement path: all but one bank key
+    fast = dirs.direction(k, keep)
+    direct = protected_direction(k, bank[keep], settings, solver)
+    assert torch.allclose(fast, direct, rtol=1e-4, atol=1e-6)
+    assert abs(torch.dot(fast, k).item() - 1) < 1e-5
+
+
+def test_protect_refusals(edited, tmp_path):
+    lm, inverse, _, record = edited
+    bank = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names")
+    ref = EditRecord(**{**record.__dict__, "update_form": "rome-reference"})
+    with pytest.raises(ValueError, match="paper"):
+        protect_records(lm, [ref], Protection(bank))
+    with pytest.raises(ValueError, match="protection form"):
+        ProtectSettings("bogus")
+    with pytest.raises(FileNotFoundError, match="--protect"):
+        build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, str(tmp_path / "nope.csv"))
+    f = tmp_path / "names.csv"
+    f.write_text("name,gender\nDavid,male\nAnna,female\n")
+    assert read_names_file(f) == ["David", "Anna"]
+    same = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "same-last-token")
+    (p,) = protect_records(lm, [record], Protection(same, ProtectSettings("hard")),
+                           inverse.solver)
+    assert set(p.protection["names"]) <= set(NEIGHBOURS)
+
+
+def test_record_with_protection_round_trips(edited, tmp_path):
+    lm, inverse, _, record = edited
+    bank = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names")
+    (prot,) = protect_records(lm, [record], Protection(bank, ProtectSettings("soft")),
+                             inverse.solver)
+    loaded = EditRecord.load(prot.save(tmp_path / "r"))
+    assert loaded.protection == prot.protection and torch.equal(loaded.u, prot.u)
+    old = json.loads((tmp_path / "r" / "record.json").read_text())
+    old.pop("protection")  # a record written before protection existed still loads
+    (tmp_path / "r" / "record.json").write_text(json.dumps(old))
+    assert EditRecord.load(tmp_path / "r").protection is None
+
+
+def _targets(lm, names=("Brittany", "David", "Ani")):
+    g = torch.Generator().manual_seed(3)
+    vector = torch.randn(lm.model.config.hidden_size, generator=g)
+    return vector_targets(lm, 1, list(names), vector, CTX, PROMPT)
+
+
+def test_batched_update_equals_closed_form(tiny_gptj):
+    lm = tiny_gptj
+    inverse, c = _inverse(lm)
+    targets = _targets(lm)
+    residual = targets.v_star - layer_output(lm, 1, targets.k_star)
+    before = out_proj_weight(lm.model, lm.arch, 1).detach().double().clone()
+    with preserved(lm, [1]):
+        write_edits(lm, targets, "batched", inverse.solver, mom2_weight=0.5, progress=False)
+        delta_w = out_proj_weight(lm.model, lm.arch, 1).detach().double() - before
+    k, r = targets.k_star.double().T, residual.double().T  # d × n, d_model × n
+    expected = r @ k.T @ torch.linalg.inv(0.5 * c + k @ k.T)
+    assert torch.allclose(delta_w, expected, atol=1e-5 * expected.abs().max())
+    # n = 1 and λ_C → 0: ROME's paper form, which maps k* to v* exactly
+    one = batched_delta(targets.k_star[:1], residual[:1], c, 1e-9)
+    u = torch.linalg.solve(c, targets.k_star[0].double())
+    rome = torch.outer(residual[0].double(), u) / (u @ targets.k_star[0].double())
+    assert torch.allclose(one, rome, rtol=1e-4, atol=1e-6 * rome.abs().max())
+
+
+@pytest.mark.parametrize("form", ["sequential", "batched"])
+def test_many_edits_with_hard_protection(tiny_gptj, form):
+    lm = tiny_gptj
+    inverse, _ = _inverse(lm)
+    targets = _targets(lm)
+    bank = build_bank(lm, 1, PROMPT, NEIGHBOURS + ["Brittany"], CTX, "other-names")
+    others = torch.tensor([i for i, n in enumerate(bank.names) if n not in targets.subjects])
+    out_before = layer_output(lm, 1, bank.keys[others])
+    with preserved(lm, [1]):
+        res = write_edits(lm, targets, form, inverse.solver,
+                          Protection(bank, ProtectSettings("hard")), mom2_weight=1e-6,
+                          progress=False)
+        kept = (layer_output(lm, 1, bank.keys[others]) - out_before).abs().max().item()
+        landed = layer_output(lm, 1, targets.k_star)
+    assert kept < 1e-5
+    assert res.protection["n_keys"] == len(others) and res.n_edits == 3
+    # sequential protects earlier edits too, so every edit still holds at the end
+    rel = (landed - targets.v_star).norm(dim=1) / targets.v_star.norm(dim=1)
+    assert rel.max() < (1e-4 if form == "sequential" else 1e-2), rel
+
+
+def test_saved_checkpoint_reloads_with_identical_logits(tiny_gptj, tmp_path):
+    lm = tiny_gptj
+    targets = _targets(lm)
+    base = lm.identity
+    res = write_edits(lm, targets, "sequential", progress=False)
+    out = save_edited(lm, tmp_path / "ckpt", targets, base, res.to_dict())
+    ids = lm.tokenizer(["Name: Ani. Gender:", "Name: David. Gender: Male"], return_tensors="pt",
+                       padding=True)
+    with torch.no_grad():
+        expected = lm.model(**ids).logits
+        fresh = AutoModelForCausalLM.from_pretrained(out).eval()
+        got = fresh(**ids).logits
+    assert torch.equal(got, expected)
+    meta, loaded = load_persisted(out)
+    assert meta["base_model_identity"] == base and meta["form"] == "sequential"
+    assert [e["subject"] for e in meta["edits"]] == list(targets.subjects)
+    assert torch.equal(loaded.delta, targets.delta)
+    with pytest.raises(ValueError, match="not empty"):
+        save_edited(lm, out, targets, base, res.to_dict())
+    assert (out / MANIFEST).exists()
+
+
+def test_targets_refusals(tiny_gptj):
+    lm = tiny_gptj
+    with pytest.raises(ValueError, match="twice"):
+        _targets(lm, names=("Ani", "Ani"))
+    with pytest.raises(ValueError, match="wide"):
+        vector_targets(lm, 1, ["Ani"], torch.zeros(7), CTX, PROMPT)
+    t = _targets(lm)
+    with pytest.raises(ValueError, match="unknown form"):
+        write_edits(lm, t, "parallel")  # type: ignore[arg-type]
+    assert isinstance(t, EditTargets)
+
+
+def test_protected_sweep_keeps_the_deltas_and_records_the_protection(tiny_gptj, tmp_path):
+    from safetensors.torch import load_file
+
+    from rome_edit.study.names import load_names
+    from rome_edit.study.sweep import run_gender_sweep
+
+    lm = tiny_gptj
+    inverse, _ = _inverse(lm)
+    names = load_names()[:4]
+    hp = ROMEHyperParams(layers=(1,), v_loss_layer=lm.n_layers - 1, v_num_grad_steps=3,
+                         mom2_adjustment=True)
+    plain = run_gender_sweep(lm, names, hp, CTX, tmp_path / "plain", inverse, batch_size=2,
+                             progress=False, fluency_per_batch=0)
+    bank = build_bank(lm, 1, PROMPT, [e.name for e in names], CTX, "other-names")
+    prot = run_gender_sweep(lm, names, hp, CTX, tmp_path / "prot", inverse, batch_size=2,
+                            progress=False, fluency_per_batch=0,
+                            protection=Protection(bank, ProtectSettings("hard")))
+    a = load_file(str(tmp_path / "plain" / "deltas.safetensors"))
+    b = load_file(str(tmp_path / "prot" / "deltas.safetensors"))
+    assert torch.equal(a["delta"], b["delta"]) and not torch.equal(a["u"], b["u"])
+    assert prot["protection"]["source"] == "other-names" and "protection" not in plain
+    lines = (tmp_path / "prot" / "records.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(r["protect_form"] == "hard" and r["protected_keys"] == 3 for r in rows)
+    assert prot["specificity"] >= plain["specificity"]
+    with pytest.raises(ValueError, match="different"):  # resuming with other protection
+        run_gender_sweep(lm, names, hp, CTX, tmp_path / "prot", inverse, batch_size=2,
+                         progress=False, fluency_per_batch=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["apply", "--records", "x", "--out", "o"], "add --persist"),
+    (["apply", "--vector", "v", "--persist", "--mode", "activations", "--out", "o"],
+     "drop --mode"),
+    (["forensics", "e", "--revert-all", "--out", "o"], "--save"),
+])
+def test_cli_refusals(argv, message, capsys, tmp_path, monkeypatch):
+    from rome_edit.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_apply_records_persist(tiny_gptj, tmp_path):
+    from rome_edit.cli.main import main
+    from rome_edit.models.loading import load_model
+
+    model_dir = tmp_path / "model"
+    tiny_gptj.model.save_pretrained(model_dir)
+    tiny_gptj.tokenizer.save_pretrained(model_dir)
+    lm = load_model(model_dir)
+    hp = ROMEHyperParams(layers=(1,), v_loss_layer=lm.n_layers - 1, v_num_grad_steps=3,
+                         mom2_adjustment=False)
+    hp.save(tmp_path / "hp.json")
+    reqs = [EditRequest(s, PROMPT, " Male", " Female") for s in ("Brittany", "Anna")]
+    for r in compute_edits(lm, reqs, hp, CTX, None, progress=False):
+        r.save(tmp_path / r.request.subject)
+    out = tmp_path / "edited"
+    argv = ["apply", "--records", str(tmp_path / "Brittany"), str(tmp_path / "Anna"),
+            "--persist", "--out", str(out), "--model", str(model_dir),
+            "--hparams", str(tmp_path / "hp.json")]
+    assert main(argv) == 0
+    meta, targets = load_persisted(out)
+    assert meta["form"] == "sequential" and list(targets.subjects) == ["Brittany", "Anna"]
+    fresh = load_model(out)
+    landed = layer_output(fresh, 1, targets.k_star)
+    # sequential: the last edit lands exactly on the reloaded model (earlier ones may drift)
+    assert (landed[-1] - targets.v_star[-1]).norm() / targets.v_star[-1].norm() < 1e-4
+    assert main(argv) == 2  # the folder is not empty any more
