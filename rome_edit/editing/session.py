@@ -33,9 +33,9 @@ from rome_edit.models.architectures import mlp_widths
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
-from rome_edit.stats.cache import StatsKey, cached_second_moment, default_cache_dir
+from rome_edit.stats.cache import cached_second_moment
 from rome_edit.stats.corpus import TextCorpus, resolve_corpus
-from rome_edit.stats.second_moment import SecondMoment, context_length
+from rome_edit.stats.second_moment import SecondMoment
 from rome_edit.stats.stability import Stability
 from rome_edit.tracing.average import locate
 
@@ -146,14 +146,6 @@ def context_templates_for(lm: LoadedModel, hp: ROMEHyperParams, path: str | Path
     return sample_context_templates(lm, hp.context_template_length_params, seed=seed)
 
 
-def _cache_path(lm: LoadedModel, hp: ROMEHyperParams, corpus: TextCorpus,
-                cache_dir: str | Path | None, until_stable: Stability | None = None) -> Path:
-    """Where :func:`cached_second_moment` keeps this request's ``C``."""
-    key = StatsKey(lm.fingerprint, hp.layer, corpus.corpus_id, hp.mom2_dtype, hp.mom2_n_samples,
-                   context_length(lm), until_stable.key() if until_stable is not None else None)
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / key.filename()
-
-
 def inverse_for(
     lm: LoadedModel, hp: ROMEHyperParams, stats_file: str | Path | None = None,
     corpus: str | TextCorpus | None = None, cache_dir: str | Path | None = None,
@@ -177,9 +169,6 @@ def inverse_for(
     else:
         text = corpus if isinstance(corpus, TextCorpus) else \
             resolve_corpus(corpus or corpus_spec(hp), lm=lm)
-        if text.prepare is not None and not _cache_path(lm, hp, text, cache_dir,
-                                                       until_stable).exists():
-            text.prepare(hp.mom2_n_samples)  # sampling runs the model: not inside the pass
         cached = cached_second_moment(lm, hp.layer, text, hp.mom2_n_samples,
                                       hp.mom2_dtype, cache_dir=cache_dir, progress=progress,
                                       workers=workers, until_stable=until_stable)
