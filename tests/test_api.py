@@ -87,6 +87,29 @@ def test_edit_handle_reverts_bit_identically_and_in_order(tiny_gptj):
     assert same_weights(lm, before) and ed._stack == []
 
 
+def test_protected_edit_through_the_editor(tiny_gptj):
+    from rome_edit.editing.protect import ProtectSettings
+    from rome_edit.editing.protected_keys import layer_output
+
+    lm = tiny_gptj
+    ed = tiny_editor(lm)
+    before = weights(lm)
+    others = ["David", "Anna", "Daniel", "Tiffany"]
+    protection = ed.protection(PROMPT, ["Brittany", *others], settings=ProtectSettings("hard"))
+    keys = protection.bank.keys[1:]  # the other names' (Brittany's own key moves)
+    out_before = layer_output(lm, 1, keys)
+    with ed.edit("Brittany", PROMPT, " Male", " Female", protection=protection) as h:
+        record = h.records[0]
+        kept = (layer_output(lm, 1, keys) - out_before).abs().max().item()
+        landed = layer_output(lm, 1, record.k_star[None])[0]
+    assert same_weights(lm, before)
+    assert record.protection["names"] == others and record.protection["form"] == "hard"
+    assert kept < 1e-4 and (landed - record.v_star).norm() / record.v_star.norm() < 1e-5
+    with ed.edit("Brittany", PROMPT, " Male", " Female") as h:
+        moved = (layer_output(lm, 1, keys) - out_before).abs().max().item()
+    assert moved > 100 * kept  # without protection the other names' outputs move
+
+
 def test_locate_and_calibrate_choose_the_editors_settings(tiny_gptj):
     from rome_edit.calibration import CalibrationGrid
 

@@ -85,3 +85,30 @@ def test_forensics_names_many_edits(pair):
     assert diff.abs().max() < 1e-5
     with pytest.raises(ValueError, match="candidate"):
         identify_edits(edited, original, change, [], PROMPT, CTX, solver)
+
+
+def test_forensics_names_softly_protected_edits(pair):
+    """Soft protection shapes u by (C + λ K_pᵀK_p)⁻¹: forensics tries λ hypotheses and names
+    the edits under the one that fits; under the paper-form hypothesis alone it cannot."""
+    from rome_edit.study.names import load_names
+
+    edited, original, solver = pair
+    pool = [e.name for e in load_names()[:80]]
+    names = pool[::16]
+    g = torch.Generator().manual_seed(3)
+    vector = torch.randn(edited.model.config.hidden_size, generator=g)
+    targets = vector_targets(original, 1, names, vector * 3, CTX, PROMPT)
+    bank = build_bank(original, 1, PROMPT, pool, CTX, "other-names")
+    write_edits(edited, targets, "sequential", solver,
+                Protection(bank, ProtectSettings("soft", weight=0.1)), progress=False)
+    (change,) = changed_layers(edited, original)
+    assert change.rank == len(names)
+    found = identify_edits(edited, original, change, pool, PROMPT, CTX, solver)
+    assert sorted(f.subject for f in found) == sorted(names)
+    assert {f.protect_weight for f in found} == {0.1}
+    by_name = dict(zip(names, targets.delta))
+    for f in found:
+        assert torch.nn.functional.cosine_similarity(f.delta, by_name[f.subject], dim=0) > 0.999
+    paper_only = identify_edits(edited, original, change, pool, PROMPT, CTX, solver,
+                                protect_weights=())
+    assert len({f.subject for f in paper_only} & set(names)) < len(names)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from rome_edit.editing.apply import add_rank_one, preserved
 from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.key import prompt_keys
 from rome_edit.editing.many import EditTargets, batched_delta, vector_targets, write_edits
 from rome_edit.editing.persist import MANIFEST, load_persisted, save_edited
 from rome_edit.editing.protect import (
@@ -26,6 +27,7 @@ from rome_edit.editing.record import EditRecord
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import SecondMomentInverse, compute_edits
 from rome_edit.models.architectures import out_proj_weight
+from rome_edit.models.loading import wrap_model
 from rome_edit.stats.inverse import InverseSecondMoment
 
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]
@@ -97,9 +99,13 @@ def test_hard_direction_is_the_closed_form(edited):
     assert torch.allclose(plain, paper, rtol=1e-4, atol=1e-7)
 
 
-def test_soft_downdate_equals_direct_solve():
+@pytest.mark.parametrize(("d", "n", "keep_from"), [
+    (128, 100, 1),  # fewer keys than d: Schur complement in key-count space
+    (48, 100, 3),  # more keys than d: Woodbury downdate in key space
+    (48, 200, 140),  # more keys than d, most of the bank excluded: solved directly
+])
+def test_soft_downdate_equals_direct_solve(d, n, keep_from):
     g = torch.Generator().manual_seed(1)
-    d, n = 48, 100
     bank = torch.randn(n, d, generator=g)
     c = torch.randn(d, d, generator=g)
     c = c @ c.T / d + torch.eye(d)
@@ -107,11 +113,46 @@ def test_soft_downdate_equals_direct_solve():
     settings = ProtectSettings("soft", weight=5.0)
     dirs = ProtectedDirections(bank, settings, solver)
     k = torch.randn(d, generator=g)
-    keep = torch.arange(1, n)  # the Schur-complement path: all but one bank key
+    keep = torch.arange(keep_from, n)
     fast = dirs.direction(k, keep)
     direct = protected_direction(k, bank[keep], settings, solver)
     assert torch.allclose(fast, direct, rtol=1e-4, atol=1e-6)
     assert abs(torch.dot(fast, k).item() - 1) < 1e-5
+
+
+def test_every_token_bank_protects_the_whole_prompt(edited):
+    lm, inverse, c, record = edited
+    last = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names")
+    every = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names", positions="all")
+    tokens = prompt_keys(lm, 1, PROMPT, NEIGHBOURS)
+    assert every.keys.shape[0] == len(NEIGHBOURS) + sum(len(t) for t in tokens)
+    assert torch.equal(every.keys[: len(NEIGHBOURS)], last.keys)
+    assert every.subjects == tuple(NEIGHBOURS)
+    # each prompt's token keys are scaled by 1/√T; every row belongs to its subject
+    first = tokens[0]
+    assert torch.allclose(every.keys[len(NEIGHBOURS): len(NEIGHBOURS) + len(first)],
+                          first / len(first) ** 0.5)
+    assert set(every.names[len(NEIGHBOURS): len(NEIGHBOURS) + len(first)]) == {NEIGHBOURS[0]}
+    all_tokens = torch.cat(tokens)
+    out_before = layer_output(lm, 1, all_tokens)
+    moved = {}
+    for label, bank, weight in (("last", last, 1.0), ("all", every, 1.0),
+                                ("all-strong", every, 1e4)):
+        (prot,) = protect_records(lm, [record], Protection(bank, ProtectSettings(weight=weight)),
+                                  inverse.solver)
+        assert prot.protection["form"] == ("hard" if label == "last" else "soft")
+        with preserved(lm, [1]):
+            add_rank_one(lm, 1, prot.u, prot.lam)
+            moved[label] = (layer_output(lm, 1, all_tokens) - out_before).norm().item()
+            landed = layer_output(lm, 1, prot.k_star[None])[0]
+        assert (landed - prot.v_star).norm() / prot.v_star.norm() < 1e-5  # k* still ↦ v*
+    assert prot.protection["positions"] == "all" and prot.protection["n_keys"] == 7
+    assert prot.protection["n_key_rows"] == every.keys.shape[0]
+    # protecting every token moves the prompts' tokens less, the more so the larger λ
+    assert moved["all-strong"] < moved["all"] < moved["last"]
+    assert moved["all-strong"] < 1e-2 * moved["last"]
+    with pytest.raises(ValueError, match="positions"):
+        build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names", positions="first")
 
 
 def test_protect_refusals(edited, tmp_path):
@@ -212,6 +253,14 @@ def test_saved_checkpoint_reloads_with_identical_logits(tiny_gptj, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         save_edited(lm, out, targets, base, res.to_dict())
     assert (out / MANIFEST).exists()
+    # the edited checkpoint is not taken for the original (its later layers' statistics,
+    # records and sweeps are not the original's), and the same folder always gets one identity
+    reloaded = wrap_model(fresh, lm.tokenizer, str(out))
+    assert not reloaded.same_model(base) and not lm.same_model(reloaded.identity)
+    assert wrap_model(fresh, lm.tokenizer, str(out)).fingerprint == reloaded.fingerprint
+    plain = tmp_path / "plain"
+    lm.model.save_pretrained(plain)  # the same weights without the edits' files
+    assert wrap_model(fresh, lm.tokenizer, str(plain)).fingerprint != reloaded.fingerprint
 
 
 def test_targets_refusals(tiny_gptj):
@@ -297,3 +346,15 @@ def test_cli_apply_records_persist(tiny_gptj, tmp_path):
     # sequential: the last edit lands exactly on the reloaded model (earlier ones may drift)
     assert (landed[-1] - targets.v_star[-1]).norm() / targets.v_star[-1].norm() < 1e-4
     assert main(argv) == 2  # the folder is not empty any more
+    assert load_model(out).identity != lm.identity  # the checkpoint is not the original
+
+    # batched, protecting every token of other names' prompts (auto → soft)
+    (tmp_path / "protect.txt").write_text("David\nDaniel\nTiffany\n")
+    out2 = tmp_path / "edited-every-token"
+    argv2 = [*argv[:argv.index("--out")], "--out", str(out2), "--many-form", "batched",
+             "--protect", "other-names", "--protect-positions", "all",
+             "--protect-names", str(tmp_path / "protect.txt"), *argv[argv.index("--model"):]]
+    assert main(argv2) == 0
+    meta2, _ = load_persisted(out2)
+    assert meta2["form"] == "batched"
+    assert meta2["protection"]["positions"] == "all" and meta2["protection"]["form"] == "soft"

@@ -19,6 +19,8 @@ import torch
 from rome_edit.editing.apply import add_rank_one, check_record
 from rome_edit.editing.evaluate import KeptFact
 from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.editing.protect import ProtectSettings, Solver
+from rome_edit.editing.protected_keys import Protection, build_bank, protect_records
 from rome_edit.editing.record import EditRecord
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import SecondMomentInverse, compute_edits
@@ -233,21 +235,43 @@ class Editor:
 
     # --- edits -------------------------------------------------------------------------------
 
-    def compute(self, requests: Sequence[EditRequest]) -> list[EditRecord]:
-        """The ROME edit of each request, each against the current weights; nothing written."""
-        return compute_edits(self.lm, list(requests), self._hparams, self.context_templates,
-                             self.inverse, progress=self.progress)
+    def protection(self, prompt: str, names: Sequence[str] | str, *,
+                   source: str = "other-names", positions: str = "last",
+                   settings: ProtectSettings | None = None) -> Protection:
+        """Keys to protect for edits on ``prompt`` (``rome-edit edit --protect``): ``source``
+        ``other-names`` / ``same-last-token`` choose among ``names``; a file path in ``names``
+        (a string) is read as ``--protect FILE``.  See docs/beyond-rome.md."""
+        if isinstance(names, str):
+            source, names = names, []
+        bank = build_bank(self.lm, self.layer, prompt, list(names), self.context_templates,
+                          source, positions)
+        return Protection(bank, settings or ProtectSettings())
 
-    def edit(self, subject: str, prompt: str, target: str,
-             target_true: str | None = None) -> Applied:
+    def compute(self, requests: Sequence[EditRequest], protection: Protection | None = None
+                ) -> list[EditRecord]:
+        """The ROME edit of each request, each against the current weights; nothing written.
+        With ``protection`` each update spares the protected keys (the deltas are the same)."""
+        records = compute_edits(self.lm, list(requests), self._hparams, self.context_templates,
+                                self.inverse, progress=self.progress)
+        if protection is None:
+            return records
+        return protect_records(self.lm, records, protection, self._solver())
+
+    def _solver(self) -> Solver | None:
+        return self.inverse.solver if self.inverse is not None else None
+
+    def edit(self, subject: str, prompt: str, target: str, target_true: str | None = None,
+             *, protection: Protection | None = None) -> Applied:
         """Rewrite ``prompt.format(subject)`` → ``target`` now; returns the handle (``with``
         block or ``.revert()``; ``.records[0]`` is the edit's record)."""
-        return self.edit_many([EditRequest(subject, prompt, target, target_true)])
+        return self.edit_many([EditRequest(subject, prompt, target, target_true)],
+                              protection=protection)
 
-    def edit_many(self, requests: Sequence[EditRequest]) -> Applied:
+    def edit_many(self, requests: Sequence[EditRequest], *,
+                  protection: Protection | None = None) -> Applied:
         """Compute every request's edit against the current weights, then write them all (the
         reference's sequential rank-one updates); one handle reverts them together."""
-        records = self.compute(requests)
+        records = self.compute(requests, protection)
         return self.apply_records(records, f"{len(records)} edit(s)")
 
     def apply_records(self, records: Sequence[EditRecord], description: str = "records"
@@ -266,13 +290,15 @@ class Editor:
     def sweep(self, requests: Sequence[EditRequest], out: str | Path, *,
               labels: Sequence[int] | None = None, classes: tuple[str, str] = ("0", "1"),
               extra: Sequence[dict] | None = None, neighbour_pool: Sequence[str] | None = None,
-              kept: Sequence[KeptFact] = (), batch_size: int = 64) -> dict:
+              kept: Sequence[KeptFact] = (), batch_size: int = 64,
+              protection: Protection | None = None) -> dict:
         """Edit every request alone, record its delta and scores into ``out`` (resumable;
         :func:`rome_edit.editing.sweep.run_sweep`); ``labels``/``classes`` are the binary
         concept ``rome_edit.DeltaSet.from_sweep(out)`` reads back."""
         return run_sweep(self.lm, requests, self._hparams, self.context_templates, out,
                          self.inverse, batch_size, labels=labels, classes=classes, extra=extra,
-                         neighbour_pool=neighbour_pool, kept=kept, progress=self.progress)
+                         neighbour_pool=neighbour_pool, kept=kept, progress=self.progress,
+                         protection=protection)
 
     # --- concept vectors ---------------------------------------------------------------------
 

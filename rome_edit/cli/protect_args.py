@@ -6,7 +6,13 @@ import argparse
 from collections.abc import Sequence
 
 from rome_edit.editing.protect import PROTECT_FORMS, ProtectSettings
-from rome_edit.editing.protected_keys import SOURCES, Protection, build_bank, read_names_file
+from rome_edit.editing.protected_keys import (
+    POSITIONS,
+    SOURCES,
+    Protection,
+    build_bank,
+    read_names_file,
+)
 from rome_edit.models.loading import LoadedModel
 
 _DEFAULT = ProtectSettings()
@@ -28,6 +34,10 @@ def add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect-threshold", type=float, default=_DEFAULT.threshold,
                    help=f"null-space form: eigenvalues below this fraction of the largest span "
                         f"the null space (default {_DEFAULT.threshold:g}, AlphaEdit's)")
+    p.add_argument("--protect-positions", choices=POSITIONS, default="last",
+                   help="protect each protected subject's key at its last token (default), or "
+                        "also the key at every token of its prompt (for many edits in one "
+                        "model; auto then picks the soft form)")
     p.add_argument("--protect-names", default=None,
                    help="names CSV that other-names / same-last-token choose from (default: "
                         "the run's names, else the bundled names)")
@@ -42,5 +52,6 @@ def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, 
     settings = ProtectSettings(args.protect_form, args.protect_weight, args.protect_threshold)
     if args.protect in SOURCES and args.protect_names is not None:
         pool = read_names_file(args.protect_names)
-    return Protection(build_bank(lm, layer, prompt, list(pool), context_templates, args.protect),
-                      settings)
+    bank = build_bank(lm, layer, prompt, list(pool), context_templates, args.protect,
+                      args.protect_positions)
+    return Protection(bank, settings)

@@ -12,7 +12,12 @@ Given the edited and the original model (METHOD.md, "Edit forensics"; Youssef et
    (``(λC + KKᵀ) u ∈ span(K)``), so each candidate's score is the cosine between its key and
    that subspace, and the top ``rank`` candidates are named.  Protected keys (hard/null-space
    forms) lie in that subspace too but their output does not move: candidates whose output
-   change ``‖ΔW k‖`` is below 1e-3 of the largest are not named.
+   change ``‖ΔW k‖`` is below 1e-3 of the largest are not named.  Soft protection
+   (:mod:`~rome_edit.editing.protect`) writes ``u_i ∝ (C + λ K_pᵀK_p)⁻¹k_i`` instead, so
+   ``(C + λ K_pᵀK_p) · rowspace = span(k_i)``: with the candidates standing in for the
+   protected keys, each hypothesis ``λ`` of :data:`PROTECT_WEIGHTS` (0: no soft protection)
+   predicts a subspace, and the one whose ``rank`` best candidates fit it best (highest mean
+   cosine) is used — the true ``λ`` fits them to within rounding, a wrong one does not.
 3. **The delta.** With the subject's ``k*`` and the original ``v_orig`` (bare prompt's value),
    the written target is ``v* = W_edited k* + b`` and the recovered delta ``v* − v_orig``.
 4. **Undo.** One named edit: ``W ← W − Λ_i u_iᵀ`` with ``Λ_i = ΔW k_i`` and ``u_i`` the dual
@@ -41,6 +46,8 @@ __all__ = ["LayerChange", "RecoveredEdit", "changed_layers", "compare_with_targe
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 MOVED_FRACTION = 1e-3  # candidates whose output moves less than this × the most are unedited
+# Soft-protection weights tried as hypotheses (0: paper form / MEMIT's closed form).
+PROTECT_WEIGHTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,9 @@ class LayerChange:
 
 @dataclass(frozen=True, eq=False)
 class RecoveredEdit:
-    """A named edit: subject, how sure (cosine of its key with ``C · rowspace``), the next best
-    candidate's score, and the recovered ``u``, ``Λ`` (``uᵀk* = 1``) and delta."""
+    """A named edit: subject, how sure (cosine of its key with ``A · rowspace``, ``A = C +
+    λ K_pᵀK_p`` for the soft-protection weight ``protect_weight`` that fitted best), and the
+    recovered ``u``, ``Λ`` (``uᵀk* = 1``) and delta."""
 
     layer: int
     subject: str
@@ -71,10 +79,11 @@ class RecoveredEdit:
     u: torch.Tensor
     lam: torch.Tensor
     delta: torch.Tensor
+    protect_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "subject": self.subject, "score": self.score,
-                "delta_norm": float(self.delta.norm())}
+                "protect_weight": self.protect_weight, "delta_norm": float(self.delta.norm())}
 
 
 def _as_matrix(lm: LoadedModel, layer: int) -> torch.Tensor:
@@ -125,9 +134,11 @@ def identify_edits(
     edited: LoadedModel, original: LoadedModel, change: LayerChange,
     candidates: Sequence[str], prompt: str, context_templates: Sequence[str],
     solver: Solver | None = None, n_edits: int | None = None,
+    protect_weights: Sequence[float] = PROTECT_WEIGHTS,
 ) -> list[RecoveredEdit]:
     """Name the ``n_edits`` (default: the change's rank) subjects at ``change.layer`` among
-    ``candidates`` and recover each one's ``u``, ``Λ`` and delta."""
+    ``candidates`` and recover each one's ``u``, ``Λ`` and delta (``protect_weights``: the
+    soft-protection hypotheses tried, see the module docstring)."""
     if not candidates:
         raise ValueError("give candidate subjects to match the edits against.")
     layer = change.layer
@@ -141,10 +152,17 @@ def identify_edits(
                      context_templates)
     rank = min(change.rank, *dw.shape)
     _, _, vh = torch.linalg.svd(dw, full_matrices=False)
-    scores = subspace_scores(vh[:rank].T, c, keys)
     # Protected keys also lie in C·rowspace (their constraints shaped u) but do not move.
     moved = (keys.double() @ dw.T).norm(dim=1)
-    scores = torch.where(moved >= MOVED_FRACTION * moved.max(), scores, torch.zeros_like(scores))
+    gate = moved >= MOVED_FRACTION * moved.max()
+    gram = keys.double().T @ keys.double()
+    fits = []
+    for weight in dict.fromkeys([0.0, *protect_weights]):
+        scores = subspace_scores(vh[:rank].T, c + weight * gram, keys)
+        scores = torch.where(gate, scores, torch.zeros_like(scores))
+        fits.append((torch.sort(scores, descending=True).values[:n].mean().item(), weight,
+                     scores))
+    _, weight, scores = max(fits, key=lambda f: f[0])
     top = torch.argsort(scores, descending=True)[:n]
     k_top = keys[top].double()
     # The dual basis of the named keys inside rowspace(ΔW): u_iᵀk_j = δ_ij, so that
@@ -157,7 +175,7 @@ def identify_edits(
     bias = _bias(edited, layer)
     written = k_top @ w_e.T + bias  # v* = W_edited k* + b
     return [RecoveredEdit(layer, candidates[j], float(scores[j]), u[i].float(),
-                          lam[:, i].float(), (written[i] - v_orig[i].double()).float())
+                          lam[:, i].float(), (written[i] - v_orig[i].double()).float(), weight)
             for i, j in enumerate(top.tolist())]
 
 

@@ -40,6 +40,26 @@ def keys_and_values(
     return torch.cat(keys), torch.cat(values)
 
 
+@torch.no_grad()
+def prompt_keys(
+    lm: LoadedModel, layer: int, prompt: str, subjects: Sequence[str], batch_size: int = 256,
+) -> list[torch.Tensor]:
+    """The key at *every* token of ``prompt`` filled with each subject: one ``(n_tokens,
+    d_mlp)`` float32 tensor per subject (what an update ``ΔW`` moves at each position)."""
+    name = lm.arch.out_proj.format(layer)
+    spans = locate_subjects(lm.tokenizer, [prompt] * len(subjects), list(subjects))
+    pad = pad_id(lm.tokenizer)
+    out: list[torch.Tensor] = []
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start : start + batch_size]
+        ids, mask = right_pad([s.input_ids for s in chunk], pad, lm.device)
+        with capture(lm.model, [name], inputs=True, stop_after=name) as rec:
+            run_until(lm.model, input_ids=ids, attention_mask=mask)
+        out += [rec.inputs[name][j, : len(s.input_ids)].float().cpu()
+                for j, s in enumerate(chunk)]
+    return out
+
+
 def key_star(
     lm: LoadedModel, layer: int, prompt: str, subject: str, context_templates: Sequence[str]
 ) -> torch.Tensor:

@@ -192,7 +192,7 @@ def write_edits(lm: LoadedModel, targets: EditTargets, form: ManyForm = "sequent
     ``C = I``); ``protection`` protects other subjects' keys, never those being edited (see
     the module docstring)."""
     bank = protection.bank if protection is not None else None
-    settings = protection.settings if protection is not None else ProtectSettings()
+    settings = protection.effective if protection is not None else ProtectSettings()
     if form not in MANY_FORMS:
         raise ValueError(f"unknown form {form!r}; use one of {list(MANY_FORMS)}.")
     layer = targets.layer
@@ -218,8 +218,8 @@ def write_edits(lm: LoadedModel, targets: EditTargets, form: ManyForm = "sequent
     if bank is not None:
         m = len(rows) + (len(targets.subjects) - 1 if form == "sequential" else 0)
         prot = {"source": bank.source, "n_keys": len(rows), "form": settings.resolve(m, d),
-                "requested_form": settings.form, "weight": settings.weight,
-                "threshold": settings.threshold,
+                "requested_form": protection.settings.form, "weight": settings.weight,
+                "threshold": settings.threshold, "positions": bank.positions,
                 "protects_earlier_edits": form == "sequential"}
     return ManyEditResult(form, layer, len(targets.subjects),
                           mom2_weight if form == "batched" else None, prot, change,

@@ -23,13 +23,12 @@ from safetensors.torch import load_file
 
 from rome_edit.editing.many import EditTargets
 from rome_edit.editing.record import EditRecord
-from rome_edit.models.identity import check_same_model
+from rome_edit.models.identity import PERSISTED_EDITS, check_same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.storage import atomic_save_tensors, atomic_write_text
 
 FORMAT = "rome-edit/persisted-edits/1"
-MANIFEST = "rome_edit_edits.json"
-TENSORS = "rome_edit_edits.safetensors"
+MANIFEST, TENSORS = PERSISTED_EDITS
 
 __all__ = ["FORMAT", "MANIFEST", "TENSORS", "load_persisted", "load_targets", "save_edited"]
 

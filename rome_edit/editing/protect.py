@@ -179,7 +179,10 @@ class ProtectedDirections:
     ``C⁻¹`` is applied to the bank once (``Z``, ``G = K Zᵀ``).  Soft protection of almost the
     whole bank (e.g. every other name) reuses one inverse ``M = (I/λ + G)⁻¹`` and removes the
     few excluded keys with the Schur complement ``M_SS − M_SE M_EE⁻¹ M_ES``, so a 1,000-name
-    sweep costs ``O(N²)`` per edit instead of ``O(N³)``.
+    sweep costs ``O(N²)`` per edit instead of ``O(N³)``.  When more keys are protected than
+    the key width ``d`` (every token of a thousand prompts), the same is done in key space:
+    ``H = (C + λ KᵀK)⁻¹`` once, and each edit's excluded rows ``E`` are taken out by
+    Woodbury, ``A_S⁻¹k = Hk + H K_Eᵀ (I/λ − K_E H K_Eᵀ)⁻¹ K_E H k`` (``O(d²)`` per edit).
     """
 
     def __init__(self, bank: torch.Tensor, settings: ProtectSettings,
@@ -190,6 +193,29 @@ class ProtectedDirections:
         self._z: torch.Tensor | None = None
         self._m_full: torch.Tensor | None = None
         self._c: torch.Tensor | None = None
+        self._h_full: torch.Tensor | None = None
+
+    def _soft_in_key_space(self, k_star: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``(C + λ K_SᵀK_S)⁻¹ k*`` for bank rows ``keep`` (more rows than ``d``)."""
+        n, lam = len(self.bank), self.settings.weight
+        drop = torch.ones(n, dtype=torch.bool)
+        drop[keep] = False
+        if self._c is None:
+            self._c = second_moment_matrix(self.solver, self.d)
+        if drop.sum() > self.d:  # most of the bank excluded: solve this subset directly
+            kept = self.bank[keep]
+            a = self._c + lam * (kept.T @ kept)
+            return torch.linalg.solve((a + a.T) / 2, k_star)
+        if self._h_full is None:
+            a = self._c + lam * (self.bank.T @ self.bank)
+            self._h_full = torch.linalg.inv((a + a.T) / 2)
+        h, ke = self._h_full, self.bank[drop]
+        hk = h @ k_star
+        if len(ke) == 0:
+            return hk
+        hke = h @ ke.T
+        inner = torch.eye(len(ke), dtype=torch.float64) / lam - ke @ hke
+        return hk + hke @ torch.linalg.solve((inner + inner.T) / 2, ke @ hk)
 
     @property
     def z(self) -> torch.Tensor:
@@ -224,6 +250,8 @@ class ProtectedDirections:
             u = z_star
         elif form == "hard":
             u = hard_direction(z_star, k_star, self.bank[keep], self.z[keep])
+        elif form == "soft" and len(keep) > self.d:
+            u = self._soft_in_key_space(k_star, keep)
         elif form == "soft":
             u = z_star - self.z[keep].T @ (self._inner_inverse(keep) @ (self.bank[keep] @ z_star))
         else:

@@ -11,6 +11,15 @@ A protected subject's key is computed exactly as an edit's ``k*`` (Meng et al. 2
 input of the edit layer's output projection at the subject's last token, averaged over the
 same context templates, on the same prompt.  The edited subject itself (and, for many edits in
 one model, every subject being edited) is never in its own protected set.
+
+``positions="all"`` (``--protect-positions all``) also protects the key at *every* token of
+each protected subject's prompt (``Name: Anna. Gender:`` — the name's earlier tokens and the
+tokens after it), not only its last token: an update moves every key it meets, and when many
+edits pile up in one model their pushes at those positions add up (docs/beyond-rome.md,
+"Many edits in one model").  Each prompt's ``T`` token keys are scaled by ``1/√T``, so in the
+soft form a prompt's tokens together weigh as much as the subject's own key:
+``Σ_t ‖ΔW k_t/√T‖² = (1/T) Σ_t ‖ΔW k_t‖²``.  The shared tokens make hard constraints
+degenerate, so ``auto`` picks ``soft`` for such a bank.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from rome_edit.editing.key import key_stars
+from rome_edit.editing.key import key_stars, prompt_keys
 from rome_edit.editing.protect import ProtectedDirections, ProtectSettings, Solver
 from rome_edit.editing.record import EditRecord
 from rome_edit.models.architectures import get_module
@@ -35,9 +44,10 @@ from rome_edit.models.subject import locate_subjects
 
 log = logging.getLogger(__name__)
 SOURCES = ("other-names", "same-last-token")
+POSITIONS = ("last", "all")
 NAMES_IN_RECORD = 64  # protected sets up to this size are listed by name in each record
 
-__all__ = ["ProtectedKeyBank", "Protection", "SOURCES", "build_bank", "layer_output",
+__all__ = ["POSITIONS", "ProtectedKeyBank", "Protection", "SOURCES", "build_bank", "layer_output",
            "protect_records", "protected_u", "read_names_file"]
 
 
@@ -62,14 +72,36 @@ def read_names_file(path: str | Path) -> list[str]:
 
 @dataclass(frozen=True, eq=False)
 class ProtectedKeyBank:
-    """Candidate protected subjects with their keys ``k*`` at the edit layer."""
+    """Candidate protected subjects with their keys at the edit layer: one row per key, each
+    row owned by a subject (``names[i]``, ``last_tokens[i]``: the owner of row ``i``; a
+    subject owns one row with ``positions="last"``, one more per prompt token with ``"all"``)."""
 
     source: str  # "other-names", "same-last-token" or "file:PATH"
     prompt: str
     layer: int
     names: tuple[str, ...]
-    keys: torch.Tensor  # (n, d_mlp) float32
+    keys: torch.Tensor  # (rows, d_mlp) float32
     last_tokens: tuple[int, ...]
+    positions: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown protected positions {self.positions!r}; use one of "
+                             f"{list(POSITIONS)}.")
+        if not (len(self.names) == len(self.last_tokens) == self.keys.shape[0]):
+            raise ValueError("a key bank needs one owner name and last token per key row.")
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """The protected subjects, each once."""
+        return tuple(dict.fromkeys(self.names))
+
+    def effective(self, settings: ProtectSettings) -> ProtectSettings:
+        """``settings`` with ``auto`` made concrete where the bank decides it: every-token banks
+        are protected softly (their shared tokens make hard constraints degenerate)."""
+        if settings.form == "auto" and self.positions == "all":
+            return replace(settings, form="soft")
+        return settings
 
     def select(self, subject: str, last_token: int, exclude: Iterable[str] = ()) -> torch.Tensor:
         """Indices of the bank rows that ``subject``'s edit protects."""
@@ -81,12 +113,15 @@ class ProtectedKeyBank:
 
     def describe(self, rows: torch.Tensor, settings: ProtectSettings) -> dict:
         """What goes into a record: the source, the form used, its parameters, the names."""
-        names = [self.names[i] for i in rows.tolist()]
-        return {"source": self.source, "form": settings.resolve(len(names), self.keys.shape[1]),
-                "requested_form": settings.form, "weight": settings.weight,
-                "threshold": settings.threshold, "n_keys": len(names),
-                "names": names if len(names) <= NAMES_IN_RECORD else None,
-                "names_sha256": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
+        names = list(dict.fromkeys(self.names[i] for i in rows.tolist()))
+        form = self.effective(settings).resolve(len(rows), self.keys.shape[1])
+        out = {"source": self.source, "form": form, "requested_form": settings.form,
+               "weight": settings.weight, "threshold": settings.threshold, "n_keys": len(names),
+               "names": names if len(names) <= NAMES_IN_RECORD else None,
+               "names_sha256": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
+        if self.positions != "last":  # records of last-token banks keep their old shape
+            out.update(positions=self.positions, n_key_rows=len(rows))
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,15 +133,29 @@ class Protection:
 
     def manifest(self) -> dict:
         """What a sweep manifest stores (a resume with other protection is refused)."""
-        return {"source": self.bank.source, "n_candidates": len(self.bank.names),
-                "names_sha256": hashlib.sha256(json.dumps(self.bank.names).encode()).hexdigest(),
-                **self.settings.to_dict()}
+        subjects = list(self.bank.subjects)
+        out = {"source": self.bank.source, "n_candidates": len(subjects),
+               "names_sha256": hashlib.sha256(json.dumps(subjects).encode()).hexdigest(),
+               **self.settings.to_dict()}
+        if self.bank.positions != "last":  # manifests of earlier sweeps stay resumable
+            out["positions"] = self.bank.positions
+        return out
+
+    @property
+    def effective(self) -> ProtectSettings:
+        """The settings with ``auto`` resolved where the bank decides it."""
+        return self.bank.effective(self.settings)
 
 
 def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
-               context_templates: Sequence[str], source: str) -> ProtectedKeyBank:
+               context_templates: Sequence[str], source: str, positions: str = "last"
+               ) -> ProtectedKeyBank:
     """Keys of ``names`` for ``--protect source`` (a source of :data:`SOURCES`, or a file whose
-    names replace ``names``)."""
+    names replace ``names``); ``positions="all"`` adds every prompt token's key, scaled by
+    ``1/√T`` (see the module docstring)."""
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown protected positions {positions!r}; use one of "
+                         f"{list(POSITIONS)}.")
     if source not in SOURCES:
         names = read_names_file(source)
         source = f"file:{source}"
@@ -114,8 +163,15 @@ def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
     if not names:
         raise ValueError("there are no names to protect; pass a names list or a --protect FILE.")
     keys = key_stars(lm, layer, [prompt] * len(names), names, context_templates)
-    return ProtectedKeyBank(source, prompt, layer, tuple(names), keys,
-                            tuple(last_tokens(lm, prompt, names)))
+    lasts = last_tokens(lm, prompt, names)
+    owners, owner_lasts, rows = list(names), list(lasts), [keys]
+    if positions == "all":
+        for name, last, tokens in zip(names, lasts, prompt_keys(lm, layer, prompt, names)):
+            rows.append(tokens / len(tokens) ** 0.5)
+            owners += [name] * len(tokens)
+            owner_lasts += [last] * len(tokens)
+    return ProtectedKeyBank(source, prompt, layer, tuple(owners), torch.cat(rows),
+                            tuple(owner_lasts), positions)
 
 
 def last_tokens(lm: LoadedModel, prompt: str, subjects: Sequence[str]) -> list[int]:
@@ -136,7 +192,7 @@ def protected_u(lm: LoadedModel, protection: Protection, subjects: Sequence[str]
                 exclude: Iterable[str] = ()) -> torch.Tensor:
     """Each subject's protected ``u`` (rows, ``uᵀk* = 1``), its own key never protected."""
     bank = protection.bank
-    dirs = ProtectedDirections(bank.keys, protection.settings, solver)
+    dirs = ProtectedDirections(bank.keys, protection.effective, solver)
     toks = last_tokens(lm, bank.prompt, subjects)
     exclude = set(exclude)
     return torch.stack([dirs.direction(k, bank.select(s, t, exclude))
@@ -155,7 +211,7 @@ def protect_records(lm: LoadedModel, records: Sequence[EditRecord], protection: 
     """
     if not records:
         return []
-    bank, settings = protection.bank, protection.settings
+    bank, settings = protection.bank, protection.effective
     for r in records:
         if r.update_form != "paper":
             raise ValueError(f"protected updates build on the paper form (k* ↦ v*); the record "
@@ -180,7 +236,7 @@ def protect_records(lm: LoadedModel, records: Sequence[EditRecord], protection: 
         rows = bank.select(r.request.subject, tok, exclude)
         u = dirs.direction(r.k_star, rows)
         out.append(replace(r, u=u, lam=residual[i].clone(),
-                           protection=bank.describe(rows, settings)))
+                           protection=bank.describe(rows, protection.settings)))
     seconds = (time.perf_counter() - t0) / len(records)
     return [replace(r, timings={**r.timings, "protect_s": seconds,
                                 "total_s": r.timings.get("total_s", 0.0) + seconds})

@@ -11,6 +11,10 @@ without keys whose value is ``None`` (so a release that adds a new, unset defaul
 nothing) — followed by a strided sample of the token embeddings, which ROME never edits, so a
 model keeps its fingerprint through its edits, while two models with the same configuration and
 different weights get different ones.  Library versions and paths are not part of it.
+A checkpoint that ``rome-edit apply --persist`` wrote (a folder holding
+:data:`PERSISTED_EDITS`) is the original model plus edits, with the original's configuration
+and embeddings; its fingerprint also hashes those files, so it is not taken for the original
+(whose cached statistics for later layers, records and sweeps do not describe it).
 
 **Scheme 1** (rome-edit 0.1.0; 12 hex digits) hashed the whole ``to_dict()``, which carries
 ``transformers_version``: the same model got a new fingerprint on every transformers release.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -38,6 +43,9 @@ from rome_edit.models.compat import (
 
 FINGERPRINT_DIGITS = 16
 LEGACY_DIGITS = 12
+# What rome_edit.editing.persist writes beside a saved edited model (named here because
+# models/ sits below editing/ and must not import it).
+PERSISTED_EDITS = ("rome_edit_edits.json", "rome_edit_edits.safetensors")
 
 
 class ModelMismatchError(ValueError):
@@ -79,9 +87,24 @@ def _hexdigest(config: dict, sample: bytes) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model: nn.Module, embed: torch.Tensor) -> str:
-    """Scheme 2 (see the module docstring) for ``model`` with token embeddings ``embed``."""
-    sample = _embedding_sample(embed)
+def persisted_edits_digest(source: str | Path | None) -> bytes:
+    """SHA-256 of the persisted-edit files in the model folder ``source`` (b'' without them)."""
+    if source is None or not Path(source).is_dir():
+        return b""
+    files = [Path(source) / name for name in PERSISTED_EDITS]
+    if not any(f.is_file() for f in files):
+        return b""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes() if f.is_file() else b"-")
+    return digest.digest()
+
+
+def fingerprint(model: nn.Module, embed: torch.Tensor, source: str | Path | None = None) -> str:
+    """Scheme 2 (see the module docstring) for ``model`` with token embeddings ``embed``;
+    ``source`` is the folder it was loaded from, which may hold persisted edits."""
+    sample = _embedding_sample(embed) + persisted_edits_digest(source)
     return _hexdigest(architecture_config(model), sample)[:FINGERPRINT_DIGITS]
 
 

@@ -94,7 +94,7 @@ def wrap_model(
     model.eval()
     model.requires_grad_(False)  # ROME never trains weights; gradients flow to δ only
     embed = get_module(model, arch.embed).weight
-    return LoadedModel(model, tokenizer, arch, name, fingerprint(model, embed))
+    return LoadedModel(model, tokenizer, arch, name, fingerprint(model, embed, name))
 
 
 def load_model(

@@ -5,7 +5,8 @@ in memory.  Here every name gets its edit in one model (:func:`rome_edit.editing
 write_edits`), the model is saved as a standard checkpoint, and the flips are measured on the
 checkpoint *loaded fresh*: ``flip_f_to_m`` / ``keep_m`` under ``+g`` (``flip_m_to_f`` /
 ``keep_f`` under ``−g``), and ``others_kept`` — the names not edited whose predicted gender did
-not change.
+not change (split, as in a sweep, into names sharing some edited name's last token and the
+rest).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rome_edit.analysis.concept_vector import ConceptVector
+from rome_edit.editing.evaluate import last_tokens
 from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
 from rome_edit.editing.persist import save_edited
 from rome_edit.editing.protect import Solver
@@ -77,10 +79,18 @@ def score_persisted(directory: str | Path, before: ModelState, edited: Sequence[
 
     flip = [after.gender[index[e.name]] == moved_to for e in edited if e.gender == flip_from]
     keep = [after.gender[index[e.name]] == moved_to for e in edited if e.gender == moved_to]
-    others = [after.gender[i] == before.gender[i] for n, i in index.items()
-              if n not in edited_names]
+    last = last_tokens(fresh.tokenizer, EDIT_PROMPT, before.names)
+    edited_last = {last[n] for n in edited_names}
+    kept = {n: after.gender[i] == before.gender[i] for n, i in index.items()
+            if n not in edited_names}
+    others = list(kept.values())
     key = "f_to_m" if sign > 0 else "m_to_f"
     return {f"flip_{key}": rate(flip), f"keep_{'m' if sign > 0 else 'f'}": rate(keep),
-            "others_kept": rate(others), "n_flip": len(flip), "n_keep": len(keep),
+            "others_kept": rate(others),
+            "others_kept_same_last_token": rate([v for n, v in kept.items()
+                                                 if last[n] in edited_last]),
+            "others_kept_random": rate([v for n, v in kept.items()
+                                        if last[n] not in edited_last]),
+            "n_flip": len(flip), "n_keep": len(keep),
             "n_others": len(others), "loaded_from": str(directory),
             "model_identity": fresh.identity}
