@@ -85,8 +85,10 @@ def run_forensics(args: argparse.Namespace) -> int:
         for name in ("u", "lam", "delta"):
             tensors[f"layer{change.layer}.{name}"] = torch.stack([getattr(f, name)
                                                                   for f in found])
+        fitted = found[0].protect_weight if found else 0.0
         print(f"layer {change.layer}: rank {change.rank}, named "
-              f"{', '.join(f.subject for f in found[:8])}{' …' if len(found) > 8 else ''}")
+              f"{', '.join(f.subject for f in found[:8])}{' …' if len(found) > 8 else ''}"
+              + (f" (written with soft protection, λ ≈ {fitted:g})" if fitted else ""))
     if written is not None:
         meta, targets = written
         report["against_written"] = compare_with_targets(found_all, targets.subjects,
