@@ -4,6 +4,7 @@
     python scripts/measure_beyond_rome.py generalise # protection on neighbours it never saw
     python scripts/measure_beyond_rome.py persist-tune  # the batched form's weights (edit split)
     python scripts/measure_beyond_rome.py persist    # one checkpoint holding ±g for 120 names
+    python scripts/measure_beyond_rome.py persist-unseen  # other names never protected
     python scripts/measure_beyond_rome.py degrade    # N = 10, 100, 1,000 edits in one model
     python scripts/measure_beyond_rome.py forensics  # on the persist part's checkpoints
     python scripts/measure_beyond_rome.py forms      # reach and cost of each protection form
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import time
@@ -30,6 +32,7 @@ from matplotlib.figure import Figure
 from rome_edit.analysis.concept_vector import load_concept_vector
 from rome_edit.editing.apply import preserved
 from rome_edit.editing.evaluate import evaluate_edits, summarize
+from rome_edit.editing.fitted_write import fit_vector_write, write_fitted
 from rome_edit.editing.forensics import changed_layers, compare_with_targets, identify_edits
 from rome_edit.editing.key import keys_and_values
 from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, vector_targets, write_edits
@@ -43,7 +46,13 @@ from rome_edit.study.edited_model import model_state, score_model
 from rome_edit.study.names import load_names
 from rome_edit.study.persisted import default_scale, persist_vector, score_persisted
 from rome_edit.study.sweep import run_gender_sweep
-from rome_edit.study.task import CITY_FACT, EDIT_PROMPT, gender_request, other_gender
+from rome_edit.study.task import (
+    ANSWERS,
+    CITY_FACT,
+    EDIT_PROMPT,
+    gender_request,
+    other_gender,
+)
 
 OUT = Path("docs/beyond-rome")
 SWEEP = Path("vectors/bundled-sweep")
@@ -151,6 +160,7 @@ PERSIST_RUNS = (
     ("sequential + protect other-names, every token", "sequential", "all", 0.1,
      DEFAULT_MOM2_WEIGHT),
     ("batched + protect other-names, every token", "batched", "all", 15.0, 0.005),
+    ("fitted to each name's response, protect other-names", "fitted", "last", None, None),
 )
 TUNE_GRID = ((10.0, 0.003), (15.0, 0.005), (10.0, 0.01), (20.0, 0.01), (30.0, 0.01),
              (100.0, 0.03))
@@ -180,13 +190,14 @@ def part_persist(args) -> None:
             tag = label.replace(" + ", "-").replace(", ", "-").replace(" ", "_")
             folder = work / f"persist-{tag}-{sign:+d}"
             shutil.rmtree(folder, ignore_errors=True)
-            protection = (Protection(banks[positions], ProtectSettings(weight=weight))
+            protection = (Protection(banks[positions], ProtectSettings(weight=weight or 0.01))
                           if positions else None)
             t0 = time.perf_counter()
             with preserved(lm, [gv.layer]):
                 persist_vector(lm, [e.name for e in heldout], gv.vector.float() * scale * sign,
                                gv.layer, templates, folder, inverse.solver, form, protection,
-                               mom2, progress=False, described={"sign": sign, "scale": scale})
+                               mom2 or DEFAULT_MOM2_WEIGHT, progress=False,
+                               described={"sign": sign, "scale": scale}, sign=sign)
             seconds = time.perf_counter() - t0
             score = score_persisted(folder, before, heldout, sign)
             out["runs"].append({"label": label, "form": form, "protected": positions,
@@ -195,6 +206,52 @@ def part_persist(args) -> None:
                                 "sign": sign, "write_and_save_s": seconds, **score})
             print(json.dumps(out["runs"][-1]))
     write_json("persisted_vector.json", out)
+
+
+def part_persist_unseen(args) -> None:
+    """Other names kept when only some are protected: 800 of the 1,000 other names (a fixed
+    shuffle) are protected, 200 never are; each form writes ±g for the 120 held-out names in
+    memory, scored on the unedited model's answers."""
+    lm, templates, inverse, names, gv, scale, why, pool, _ = _persist_setup(args)
+    heldout = [e for e in names if e.split == "heldout"][: args.limit]
+    edited = {e.name for e in heldout}
+    others = [n for n in pool if n not in edited]
+    random.Random(0).shuffle(others)
+    protected, unseen = others[:800], others[800:]
+    banks = {positions: build_bank(lm, gv.layer, EDIT_PROMPT, protected, templates,
+                                   "other-names", positions) for positions in ("last", "all")}
+    before = model_state(lm, pool)
+    index = {n: i for i, n in enumerate(pool)}
+    rows = []
+    for label, form, positions, weight, mom2 in PERSIST_RUNS:
+        for sign in (1, -1):
+            protection = (Protection(banks[positions], ProtectSettings(weight=weight or 0.01))
+                          if positions else None)
+            vector = gv.vector.float() * scale * sign
+            with preserved(lm, [gv.layer]):
+                if form == "fitted":
+                    fit = fit_vector_write(lm, gv.layer, EDIT_PROMPT, vector, sorted(edited),
+                                           [1 if sign > 0 else 0] * len(edited), protected,
+                                           (ANSWERS["female"], ANSWERS["male"]),
+                                           inverse.solver)
+                    write_fitted(lm, fit, vector)
+                else:
+                    targets = vector_targets(lm, gv.layer, sorted(edited), vector, templates,
+                                             EDIT_PROMPT)
+                    write_edits(lm, targets, form, inverse.solver, protection,
+                                mom2 or DEFAULT_MOM2_WEIGHT, progress=False)
+                after = model_state(lm, pool)
+            moved_to = "male" if sign > 0 else "female"
+            flips = [after.gender[index[e.name]] == moved_to for e in heldout
+                     if e.gender != moved_to]
+            kept = {group: sum(after.gender[index[n]] == before.gender[index[n]]
+                               for n in names_) / len(names_)
+                    for group, names_ in (("protected", protected), ("unseen", unseen))}
+            rows.append({"label": label, "sign": sign, "flip": sum(flips) / len(flips),
+                         "protected_kept": kept["protected"], "unseen_kept": kept["unseen"]})
+            print(json.dumps(rows[-1]))
+    write_json("persisted_unseen.json", {"n_protected": len(protected),
+                                         "n_unseen": len(unseen), "rows": rows})
 
 
 def part_persist_tune(args) -> None:
@@ -364,6 +421,7 @@ def part_forms(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["sweep", "generalise", "persist", "persist-tune",
+                                         "persist-unseen",
                                          "degrade", "forensics", "forms"])
     parser.add_argument("--only", choices=["faithful", "protected"], default=None,
                         help="sweep part: run only one of the two sweeps")
@@ -378,7 +436,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     {"sweep": part_sweep, "generalise": part_generalise, "persist": part_persist,
-     "persist-tune": part_persist_tune, "degrade": part_degrade,
+     "persist-tune": part_persist_tune, "persist-unseen": part_persist_unseen,
+     "degrade": part_degrade,
      "forensics": part_forensics, "forms": part_forms}[args.part](args)
 
 

@@ -310,6 +310,8 @@ def test_protected_sweep_keeps_the_deltas_and_records_the_protection(tiny_gptj, 
     (["apply", "--vector", "v", "--persist", "--mode", "activations", "--out", "o"],
      "drop --mode"),
     (["forensics", "e", "--revert-all", "--out", "o"], "--save"),
+    (["apply", "--records", "x", "--persist", "--many-form", "fitted", "--out", "o"],
+     "writes one vector"),
 ])
 def test_cli_refusals(argv, message, capsys, tmp_path, monkeypatch):
     from rome_edit.cli.main import main

@@ -61,9 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ap.add_argument("--persist", action="store_true",
                     help="write the edits for all names into the weights at once and save a "
                          "standard checkpoint to --out (save_pretrained + rome_edit_edits.json)")
-    ap.add_argument("--many-form", choices=list(MANY_FORMS), default="sequential",
+    ap.add_argument("--many-form", choices=[*MANY_FORMS, "fitted"], default="sequential",
                     help="with --persist: one paper-form rank-one update after another "
-                         "(default), or MEMIT's single-layer least-squares update")
+                         "(default), MEMIT's single-layer least-squares update, or (a --vector "
+                         "with --protect) a write fitted to every name's measured answer")
     ap.add_argument("--mom2-weight", type=float, default=DEFAULT_MOM2_WEIGHT,
                     help=f"with --many-form batched: λ_C, the weight of the statistics C (a "
                          f"mean over tokens) against the edits (default {DEFAULT_MOM2_WEIGHT:g})")
@@ -176,7 +177,7 @@ def _persist_vector(lm, args, names, vector, layer, templates, solver, protectio
     before = model_state(lm, pool)
     described = {"vector": str(args.vector), "scale": scale, "sign": args.sign}
     persist_vector(lm, [e.name for e in names], vector, layer, templates, args.out, solver,
-                   args.many_form, protection, args.mom2_weight, described)
+                   args.many_form, protection, args.mom2_weight, described, sign=args.sign)
     score = score_persisted(args.out, before, names, args.sign, args.attn_implementation)
     (args.out / "apply.json").write_text(json.dumps({**described, "fresh_load": score},
                                                     indent=1) + "\n")
@@ -187,6 +188,9 @@ def _persist_vector(lm, args, names, vector, layer, templates, solver, protectio
 
 
 def _persist_records(lm, args) -> int:
+    if args.many_form == "fitted":
+        raise ValueError("--many-form fitted writes one vector (--vector); for records use "
+                         "sequential or batched.")
     targets = load_targets(args.records, lm)
     hp = default_hparams(lm, args.hparams, layer=targets.layer)
     templates = context_templates_for(lm, hp, args.context_templates, seed=args.seed)

@@ -20,6 +20,7 @@ import torch
 
 from rome_edit.analysis.concept_vector import ConceptVector
 from rome_edit.editing.evaluate import last_tokens
+from rome_edit.editing.fitted_write import FitSettings, fit_vector_write, write_fitted
 from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
 from rome_edit.editing.persist import save_edited
 from rome_edit.editing.protect import Solver
@@ -27,7 +28,7 @@ from rome_edit.editing.protected_keys import Protection
 from rome_edit.models.loading import LoadedModel, load_model
 from rome_edit.study.edited_model import ModelState, model_state
 from rome_edit.study.names import NameEntry
-from rome_edit.study.task import EDIT_PROMPT
+from rome_edit.study.task import ANSWERS, EDIT_PROMPT
 
 log = logging.getLogger(__name__)
 ANALYSIS_FILE = "analysis.json"
@@ -51,15 +52,32 @@ def default_scale(vector_path: str | Path, gv: ConceptVector) -> tuple[float, st
 
 def persist_vector(lm: LoadedModel, names: Sequence[str], vector: torch.Tensor, layer: int,
                    context_templates: Sequence[str], out_dir: str | Path,
-                   solver: Solver | None = None, form: ManyForm = "sequential",
+                   solver: Solver | None = None, form: ManyForm | str = "sequential",
                    protection: Protection | None = None,
                    mom2_weight: float = DEFAULT_MOM2_WEIGHT, described: dict | None = None,
-                   prompt: str = EDIT_PROMPT, progress: bool = True) -> Path:
-    """Write ``v_orig + vector`` for every name into ``lm`` (persistently) and save it."""
+                   prompt: str = EDIT_PROMPT, progress: bool = True, sign: int = 1,
+                   fit: FitSettings | None = None) -> Path:
+    """Write ``v_orig + vector`` for every name into ``lm`` (persistently) and save it.
+
+    ``form="fitted"`` (:mod:`~rome_edit.editing.fitted_write`) fits the write to every name's
+    measured answer instead: the edited names must answer the gender ``vector`` points to
+    (``sign`` 1: male), the names of ``protection``'s bank must keep theirs."""
     base = lm.identity
     targets = vector_targets(lm, layer, names, vector, context_templates, prompt)
-    result = write_edits(lm, targets, form, solver, protection, mom2_weight, progress)
-    written = {**result.to_dict(), **(described or {}), "vector_norm": float(vector.norm())}
+    if form == "fitted":
+        if protection is None:
+            raise ValueError("the fitted form keeps the answers of the protected names; add "
+                             "--protect other-names (or a FILE of names).")
+        answers = (ANSWERS["female"], ANSWERS["male"])
+        fitted = fit_vector_write(lm, layer, prompt, vector, list(names),
+                                  [1 if sign > 0 else 0] * len(names),
+                                  protection.bank.subjects, answers, solver, fit)
+        write_fitted(lm, fitted, vector)
+        result = fitted.to_dict()
+    else:
+        result = write_edits(lm, targets, form, solver, protection, mom2_weight,
+                             progress).to_dict()
+    written = {**result, **(described or {}), "vector_norm": float(vector.norm())}
     return save_edited(lm, out_dir, targets, base, written)
 
 
