@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from rome_edit.editing.apply import add_rank_one
-from rome_edit.editing.key import keys_and_values, prompt_keys
+from rome_edit.editing.key import prompt_keys
 from rome_edit.editing.protect import Solver, second_moment_matrix
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.loading import LoadedModel
@@ -152,18 +152,18 @@ def fit_vector_write(lm: LoadedModel, layer: int, prompt: str, vector: torch.Ten
     subjects = [*edited, *protected]
     grid = settings.grid
     curves = response_curves(lm, layer, prompt, subjects, vector.float(), answers, grid)
-    keys, _ = keys_and_values(lm, layer, [prompt] * len(subjects), subjects)
-    keys = keys.double()
+    # one pass gives both the last-token keys (the pushes x = K a) and every other token's
+    spans = locate_subjects(lm.tokenizer, [prompt] * len(subjects), subjects)
+    token_keys = prompt_keys(lm, layer, prompt, subjects)
+    keys = torch.stack([k[sp.last] for k, sp in zip(token_keys, spans)]).double()
     need = [_threshold(curves[i], grid, int(t)) for i, t in enumerate(targets)]
     reach = [i for i, t in enumerate(need) if t is not None]
     bounds = torch.tensor([_interval(curves[len(edited) + j], grid)
                            for j in range(len(protected))], dtype=torch.float64).reshape(-1, 2)
     k_edit, t_edit = keys[reach], torch.tensor([need[i] for i in reach], dtype=torch.float64)
     k_prot = keys[len(edited):]
-    tokens = [k[[p for p in range(len(k)) if p != sp.last]] / len(k) ** 0.5 for k, sp in
-              zip(prompt_keys(lm, layer, prompt, subjects),
-                  locate_subjects(lm.tokenizer, [prompt] * len(subjects), subjects))]
-    others = torch.cat(tokens).double()
+    others = torch.cat([k[[p for p in range(len(k)) if p != sp.last]] / len(k) ** 0.5
+                        for k, sp in zip(token_keys, spans)]).double()
     penalty = (settings.position_weight * (others.T @ others)
                + settings.stats_weight * second_moment_matrix(solver, keys.shape[1]))
     a = _fit(k_edit, t_edit + settings.margin, k_prot, bounds[:, 0] + settings.margin,

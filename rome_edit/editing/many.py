@@ -44,8 +44,8 @@ from rome_edit.editing.protect import (
 from rome_edit.editing.protected_keys import (
     ProtectedKeyBank,
     Protection,
-    last_tokens,
     layer_output,
+    subject_last_tokens,
 )
 from rome_edit.editing.record import EditRecord
 from rome_edit.models.architectures import check_editable, check_layer, out_proj_weight
@@ -175,7 +175,7 @@ def _protected_rows(lm: LoadedModel, targets: EditTargets, bank: ProtectedKeyBan
     if bank.layer != targets.layer or bank.prompt != targets.prompt:
         raise ValueError("protected keys were computed for another layer or prompt than the "
                          "edits; build them for the edits' layer and prompt.")
-    toks = last_tokens(lm, targets.prompt, targets.subjects)
+    toks = subject_last_tokens(lm, targets.prompt, targets.subjects)
     rows: set[int] = set()
     for s, t in zip(targets.subjects, toks):
         rows.update(bank.select(s, t, exclude=targets.subjects).tolist())

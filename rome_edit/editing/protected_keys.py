@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.editing.evaluate import last_tokens
 from rome_edit.editing.key import key_stars, prompt_keys
 from rome_edit.editing.protect import ProtectedDirections, ProtectSettings, Solver
 from rome_edit.editing.record import EditRecord
 from rome_edit.models.architectures import get_module
 from rome_edit.models.loading import LoadedModel
-from rome_edit.models.subject import locate_subjects
 
 log = logging.getLogger(__name__)
 SOURCES = ("other-names", "same-last-token")
@@ -163,7 +163,7 @@ def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
     if not names:
         raise ValueError("there are no names to protect; pass a names list or a --protect FILE.")
     keys = key_stars(lm, layer, [prompt] * len(names), names, context_templates)
-    lasts = last_tokens(lm, prompt, names)
+    lasts = subject_last_tokens(lm, prompt, names)
     owners, owner_lasts, rows = list(names), list(lasts), [keys]
     if positions == "all":
         for name, last, tokens in zip(names, lasts, prompt_keys(lm, layer, prompt, names)):
@@ -174,9 +174,10 @@ def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
                             tuple(owner_lasts), positions)
 
 
-def last_tokens(lm: LoadedModel, prompt: str, subjects: Sequence[str]) -> list[int]:
-    spans = locate_subjects(lm.tokenizer, [prompt] * len(subjects), list(subjects))
-    return [sp.input_ids[sp.last] for sp in spans]
+def subject_last_tokens(lm: LoadedModel, prompt: str, subjects: Sequence[str]) -> list[int]:
+    """Each subject's last token id in ``prompt``, in order (repeats allowed)."""
+    last = last_tokens(lm.tokenizer, prompt, subjects)
+    return [last[s] for s in subjects]
 
 
 @torch.no_grad()
@@ -193,7 +194,7 @@ def protected_u(lm: LoadedModel, protection: Protection, subjects: Sequence[str]
     """Each subject's protected ``u`` (rows, ``uᵀk* = 1``), its own key never protected."""
     bank = protection.bank
     dirs = ProtectedDirections(bank.keys, protection.effective, solver)
-    toks = last_tokens(lm, bank.prompt, subjects)
+    toks = subject_last_tokens(lm, bank.prompt, subjects)
     exclude = set(exclude)
     return torch.stack([dirs.direction(k, bank.select(s, t, exclude))
                         for s, t, k in zip(subjects, toks, k_star)])
@@ -227,7 +228,7 @@ def protect_records(lm: LoadedModel, records: Sequence[EditRecord], protection: 
     dirs = ProtectedDirections(bank.keys, settings, solver)
     exclude = set(exclude)
     subjects = [r.request.subject for r in records]
-    toks = last_tokens(lm, bank.prompt, subjects)
+    toks = subject_last_tokens(lm, bank.prompt, subjects)
     k_star = torch.stack([r.k_star.float() for r in records])
     residual = torch.stack([r.v_star.float() for r in records]) - \
         layer_output(lm, bank.layer, k_star)
