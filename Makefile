@@ -5,7 +5,7 @@ PYTHON ?= python
 CONSTRAINTS = -c constraints.txt $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 DEMO_OUT ?= demo-out
 
-.PHONY: install install-dev demo test
+.PHONY: install install-dev demo test docs
 
 install:
 	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e .
@@ -18,3 +18,13 @@ demo: install
 
 test: install-dev
 	$(PYTHON) -m pytest -q
+
+# Re-execute notebooks/*.ipynb in place with their outputs (commit them after); NB=path for one.
+.PHONY: notebooks
+notebooks: install-dev
+	$(PYTHON) scripts/run_notebooks.py $(NB)
+
+# The API reference and guides (mkdocs.yml) into site/; warnings fail the build, as in CI.
+docs:
+	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e ".[docs]"
+	$(PYTHON) -m mkdocs build --strict

@@ -14,6 +14,8 @@ The Python API in a few names (imported on first use, so ``import rome_edit`` st
     with vector.applied(ed, "Ani", scale=2.0):
         print(ed.generate("Name: Ani. Gender:"))
 
+``rome_edit.__version__`` (also ``rome-edit --version``) names the release.
+
 Layers (data flows one way): ``models`` → ``tracing`` → ``stats`` → ``editing`` →
 ``analysis`` (no model imports) → ``api`` / ``calibration`` / ``study`` (the gender study) →
 ``cli``.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
+
+from rome_edit._version import __version__ as __version__  # one line: import stays cheap
 
 # public name → module that defines it
 _EXPORTS = {

@@ -48,7 +48,10 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    return _atomic(path, write)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,

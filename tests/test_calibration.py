@@ -89,7 +89,11 @@ def test_calibrate_cli_grid_rule_and_file(saved_model, tmp_path, monkeypatch, ca
             "--base", str(tmp_path / "base.json"), "--n-fluency", "1", "--corpus",
             str(tmp_path / "corpus.txt"), "--out", str(out)]
     assert main(args) == 0
-    assert "chosen: layer" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "chosen: layer" in printed
+    assert ("update: every candidate edit was ROME's rank-one update, paper form, no protection "
+            "(the default of edit/sweep, as in the paper; the written file keeps update_form "
+            "paper)") in printed.splitlines()
     report = json.loads((tmp_path / "cal" / "hp-report" / "calibration.json").read_text())
     table = report["table"]
     assert len(table) == 2 * 2  # layers × clamps (× one step count)

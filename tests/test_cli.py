@@ -1,6 +1,10 @@
 """The command line end to end on a tiny saved model: outputs, exit codes, no tracebacks."""
 
 import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +86,24 @@ def test_errors_exit_2_without_traceback(saved_model, tmp_path, capsys, argv, me
 def test_unknown_model_path_is_a_clear_error(capsys, tmp_path):
     assert main(["info", "--model", str(tmp_path / "missing")]) == 2
     assert "could not load model" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_release(capsys):
+    import rome_edit
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    installed = metadata.version("rome-edit")
+    # a mismatch here means stale install metadata: `pip install -e .` rewrites it
+    assert capsys.readouterr().out == f"rome-edit {installed}\n"
+    assert rome_edit.__version__ == installed
+
+
+def test_version_answers_without_importing_torch():
+    code = ("import sys\nfrom rome_edit.cli.main import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.splitlines() == [f"rome-edit {metadata.version('rome-edit')}", "False"]

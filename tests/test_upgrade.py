@@ -41,12 +41,20 @@ def _deltas(lm, engine, chunk_size=64):
     return torch.stack([r.delta for r in records]), {r.timings["step"] for r in records}
 
 
+def _assert_same_deltas(got: torch.Tensor, want: torch.Tensor) -> None:
+    # Both paths do the same float32 arithmetic in another order: each δ's normwise relative
+    # difference is a few ε32 (measured 1.8 ε32 ≈ 2.2e-7); 1e-5 (≈ 84 ε32) leaves room for the
+    # Adam steps to amplify it.  Normwise, not per entry: entries near 0 have no relative bound.
+    rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert rel.max().item() < 1e-5, rel
+
+
 def test_kernel_is_checked_and_used(tokenizer):
     lm = make_tiny("gptj", tokenizer)
     fast, steps = _deltas(lm, "batched")
     generic, generic_steps = _deltas(make_tiny("gptj", tokenizer), "batched-generic")
     assert steps == {"gptj-kernel"} and generic_steps == {"generic"}
-    torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-6)
+    _assert_same_deltas(fast, generic)
 
 
 @pytest.mark.parametrize("fault", ["wrong numbers", "cannot run"])
@@ -66,7 +74,7 @@ def test_kernel_fallback_gives_the_right_result_with_one_warning(tokenizer, monk
     with caplog.at_level(logging.WARNING, logger="rome_edit.editing.suffix_step"):
         got, steps = _deltas(lm, "batched", chunk_size=1)  # three chunks, one check
     assert steps == {"generic"}
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_same_deltas(got, want)
     warnings = [r for r in caplog.records if "not used for this model" in r.getMessage()]
     assert len(warnings) == 1
 

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,18 @@ from torch import Tensor
 from rome_edit.storage import atomic_save_tensors, read_tensor_entry
 
 log = logging.getLogger(__name__)
+
+_Handle = TypeVar("_Handle", covariant=True)
+
+
+class VectorWriter(Protocol[_Handle]):
+    """What writes a vector into a model: ``rome_edit.Editor`` (whose handle is
+    ``rome_edit.Applied``).  A protocol, so that analysis imports no model code, not even for
+    annotations."""
+
+    def apply_vector(self, vector: ConceptVector, subjects: str | Sequence[str],
+                     scale: float = 1.0, *, prompt: str | None = None) -> _Handle: ...
+
 
 ScaleSpec = str | float  # "raw", "mean-norm", or a positive multiple of the mean delta norm
 SCALE_MODES = ("raw", "mean-norm", "multiple")
@@ -70,6 +83,7 @@ def resolve_scale(scale: ScaleSpec, raw_norm: float, mean_delta_norm: float) -> 
 class ConceptVector:
     """The scaled box vector of one model and edit layer, with where it came from.
 
+    ``vector``: ``(d_model,)`` float32 (other floating dtypes are converted; kept on the CPU),
     ``vector = scale × raw box vector``; ``raw_norm`` is the raw vector's norm and
     ``mean_delta_norm`` the mean ‖δ‖ of the deltas it was derived from; ``classes`` names the
     labels of those deltas: ``+vector`` points from ``classes[0]``-like deltas towards
@@ -120,10 +134,10 @@ class ConceptVector:
 
     @property
     def raw(self) -> Tensor:
-        """The box vector as optimised (every component in [−1, 1])."""
+        """The box vector as optimised (every component in [−1, 1]): ``(d_model,)`` float32."""
         return self.vector / self.scale
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The provenance and norms (the vector itself goes in the safetensors file)."""
         return {"norm": self.norm, "multiple_of_mean_delta_norm": self.multiple,
                 "scale_mode": self.scale_mode, "scale": self.scale, "raw_norm": self.raw_norm,
@@ -141,15 +155,16 @@ class ConceptVector:
 
     def signed(self, scale: float) -> Tensor:
         """The vector at ``|scale|`` × the mean delta norm, negated when ``scale < 0``: a
-        positive scale pushes a subject the way label-1 edits did (the study: female→male)."""
+        positive scale pushes a subject the way label-1 edits did (the study: female→male).
+        Returns ``(d_model,)`` float32."""
         if isinstance(scale, bool) or not np.isfinite(scale) or scale == 0:
             raise ConceptVectorError(f"scale {scale!r} must be a non-zero finite number (a "
                                      "multiple of the mean delta norm; negative reverses).")
         return self.raw * resolve_scale(abs(float(scale)), self.raw_norm,
                                         self.mean_delta_norm)[1] * (1.0 if scale > 0 else -1.0)
 
-    def applied(self, editor, subjects: str | Sequence[str], scale: float = 1.0, *,
-                prompt: str | None = None):
+    def applied(self, editor: VectorWriter[_Handle], subjects: str | Sequence[str],
+                scale: float = 1.0, *, prompt: str | None = None) -> _Handle:
         """Write ``v_orig + s·g`` for each subject into ``editor``'s model (``rome_edit.Editor``:
         the rank-one edit of seed 001, ``s`` = ``scale`` × the mean ‖δ‖, see :meth:`signed`) and
         return the handle: use it as a context manager (``with vector.applied(ed, "Ani",
@@ -172,7 +187,8 @@ class ConceptVector:
 
 
 def save_concept_vector(vector: ConceptVector, path: str | Path) -> Path:
-    """Write ``vector`` as safetensors with its provenance in the header; returns the path."""
+    """Write ``vector`` (its ``(d_model,)`` float32 tensor) as safetensors with its provenance
+    in the header; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FILE_FORMAT, "scale_mode": vector.scale_mode,
@@ -203,7 +219,9 @@ def _refuse_non_safetensors(path: Path) -> None:
 
 def load_concept_vector(path: str | Path, *, expected_width: int | None = None) -> ConceptVector:
     """Read and validate a vector file written by :func:`save_concept_vector` (or by
-    ``rome-edit analyze`` before vectors were generic)."""
+    ``rome-edit analyze`` before vectors were generic).  The file's tensor must be 1-D
+    floating point, ``(d_model,)``; ``expected_width`` (the edit layer's ``d_model``) is
+    checked when given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a vector file written by "

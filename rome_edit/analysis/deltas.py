@@ -22,7 +22,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -53,11 +53,12 @@ class DeltaSetError(ValueError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality
 class DeltaSet:
-    """``n`` recorded deltas of width ``d`` from one model and one edit layer.
+    """``n`` recorded deltas ``δ = v* − v_orig`` from one model and one edit layer.
 
-    ``deltas`` is float32 (n, d); ``labels`` is int64 (n,) in {0, 1}; ``classes`` names label 0
-    and label 1 (e.g. ``("male→female", "female→male")``); ``subjects`` names the edited
-    subject of each row; ``prompt`` (optional) is the edit prompt the deltas were recorded on
+    ``deltas``: ``(n, d_model)`` float32; ``labels``: ``(n,)`` int64 in {0, 1} (other floating
+    or integer dtypes are converted; both are kept on the CPU).  ``classes`` names label 0 and
+    label 1 (e.g. ``("male→female", "female→male")``); ``subjects`` names the edited subject of
+    each row; ``prompt`` (optional) is the edit prompt the deltas were recorded on
     (where a vector learnt from them is written).  Directions learnt from a DeltaSet point from
     label 0 towards label 1.
     """
@@ -142,7 +143,7 @@ train_classifier`)."""
 
         return make_concept_vector(self, classifier or self.probe(seed=seed), scale)
 
-    def directions(self, *, seed: int = 0, **options) -> ConceptDirections:
+    def directions(self, *, seed: int = 0, **options: Any) -> ConceptDirections:
         """Every candidate concept direction (box, classifier, mean difference, INLP, R-LACE,
         LEACE) as unit vectors towards label 1 (:func:`~rome_edit.analysis.directions.\
 candidate_directions`; ``options`` go to it)."""
@@ -153,7 +154,10 @@ candidate_directions`; ``options`` go to it)."""
     def direction_vector(self, direction: Tensor, scale: float = 1.0, *,
                          test_accuracy: float = float("nan")) -> ConceptVector:
         """Any direction (e.g. ``ds.directions()["leace"]``) as a :class:`ConceptVector` of norm
-        ``scale`` × the mean ‖δ‖, for applying it like the box vector."""
+        ``scale`` × the mean ‖δ‖, for applying it like the box vector.
+
+        ``direction``: ``(d_model,)`` (any shape with ``d_model`` elements is flattened; cast to
+        float32)."""
         from rome_edit.analysis.concept_vector import ConceptVector
 
         d = torch.as_tensor(direction, dtype=torch.float32).flatten()
@@ -195,7 +199,9 @@ candidate_directions`; ``options`` go to it)."""
             )
 
     def subset(self, index: Tensor | Sequence[int]) -> DeltaSet:
-        """The rows at ``index`` (indices or a boolean mask), same model and layer."""
+        """The rows at ``index``, same model and layer.
+
+        ``index``: ``(k,)`` integer row indices, or an ``(n,)`` bool mask."""
         idx = torch.as_tensor(index)
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
@@ -244,7 +250,7 @@ def _legacy_label(gender: str) -> int:
     return int(g == "female")
 
 
-def _row_label(path: Path, line_no: int, row: dict) -> int | None:
+def _row_label(path: Path, line_no: int, row: dict[str, Any]) -> int | None:
     if "label" in row:
         y = row["label"]
         if isinstance(y, bool) or y not in (0, 1):
@@ -264,7 +270,7 @@ def _row_label(path: Path, line_no: int, row: dict) -> int | None:
     return y
 
 
-def _read_records(path: Path) -> tuple[list[dict], list[int | None]]:
+def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int | None]]:
     records, labels = [], []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -352,7 +358,7 @@ def load_delta_set(sweep_dir: str | Path,
             raise DeltaSetError(f"{root / RECORDS_FILE}: lines {unlabelled[:5]} have no 'label'; "
                                 "the sweep was run without labels — pass labels= (one per "
                                 "record, or subject → label).")
-        values = recorded  # type: ignore[assignment]
+        values = [y for y in recorded if y is not None]  # all labelled: checked just above
         legacy = any("label" not in r for r in records)
         classes = LEGACY_CLASSES if legacy else tuple(summary.get("classes") or DEFAULT_CLASSES)
     try:
@@ -361,7 +367,7 @@ def load_delta_set(sweep_dir: str | Path,
         raise DeltaSetError(f"labels must be 0/1 integers ({err}).") from None
     prompt = summary.get("prompt")
     ds = DeltaSet(deltas, y, subjects, str(summary["model_identity"]), layer,
-                  classes, prompt if isinstance(prompt, str) else None)  # type: ignore[arg-type]
+                  classes, prompt if isinstance(prompt, str) else None)
     log.info("loaded %d deltas of width %d (%d %s, %d %s) from %s", ds.n, ds.width,
              ds.class_counts[1], ds.classes[1], ds.class_counts[0], ds.classes[0], root)
     return ds

@@ -21,6 +21,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +48,11 @@ RATE_KEYS = ("flip_label1", "flip_label0", "keep_label0", "keep_label1")
 
 @dataclass(frozen=True)
 class AnalysisSettings:
+    """The choices of :func:`analyze`: the seed of the fits, the scale of the saved vector
+    (``"raw"``, ``"mean-norm"`` or a multiple of the mean ‖δ‖), the scales of the flip-rate
+    curves, how many random control directions, the keep-rate a usable scale must reach, and
+    how many held-out completions to record."""
+
     seed: int = 0
     scale: ScaleSpec = "mean-norm"  # of the saved vector
     scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # × mean delta norm, for the curves
@@ -79,10 +85,10 @@ def _mean_std(tables: Sequence[FlipTable], key: str) -> dict[str, float]:
 
 
 def completions(lm: LoadedModel, applier: VectorApplier, vector: torch.Tensor,
-                subjects: Sequence[str], max_new_tokens: int = 16) -> list[dict]:
+                subjects: Sequence[str], max_new_tokens: int = 16) -> list[dict[str, str | int]]:
     """Greedy completions of the first task's prompt before and after writing ``v_orig ± g``
     (``+g`` for label-1 subjects, ``−g`` for label-0 ones)."""
-    out = []
+    out: list[dict[str, str | int]] = []
     index = {s: i for i, s in enumerate(applier.subjects)}
     for subject in subjects:
         i = index[subject]
@@ -109,7 +115,7 @@ def analyze(
     settings: AnalysisSettings = AnalysisSettings(),
     labels: Sequence[int] | Mapping[str, int] | None = None,
     vector_file: str = VECTOR_FILE,
-) -> dict:
+) -> dict[str, Any]:
     """Run the study on a sweep directory (or a :class:`DeltaSet`); write ``analysis.json``,
     the vector and the plots into ``out_dir``.  ``labels`` replaces the sweep's recorded
     labels (see :func:`~rome_edit.analysis.deltas.load_delta_set`).  With ``lm`` and
@@ -125,7 +131,7 @@ def analyze(
         check_same_model(lm, ds.model_identity, "the sweep", "load the sweep's model (--model).")
     found = analyze_deltas(ds, out, seed=settings.seed, scale=settings.scale,
                            vector_file=vector_file)
-    result: dict = {"sweep": str(sweep) if not isinstance(sweep, DeltaSet) else None,
+    result: dict[str, Any] = {"sweep": str(sweep) if not isinstance(sweep, DeltaSet) else None,
                     **found.result}
     plots = list(found.plots)
     if lm is not None and heldout is not None and heldout.subjects:
@@ -139,12 +145,12 @@ def analyze(
 
 def _apply_to_heldout(lm: LoadedModel, found: DeltaAnalysis, heldout: HeldOut,
                       templates: Sequence[str], inverse: SecondMomentInverse | None,
-                      settings: AnalysisSettings, out: Path, plots: list[Path]) -> dict:
+                      settings: AnalysisSettings, out: Path, plots: list[Path]) -> dict[str, Any]:
     ds, g = found.deltas, found.vector.vector
     applier = VectorApplier(lm, ds.layer, heldout.subjects, heldout.labels, heldout.tasks,
                             templates, inverse)
     norm = float(g.norm())
-    res: dict = {"heldout": {"n": len(heldout.subjects),
+    res: dict[str, Any] = {"heldout": {"n": len(heldout.subjects),
                              "baseline_accuracy": applier.baseline_accuracy()}}
     for mode in ("weights", "activations"):
         res[f"vector_{mode}"] = applier.flip_table(g, mode).to_dict()
@@ -176,7 +182,8 @@ def _apply_to_heldout(lm: LoadedModel, found: DeltaAnalysis, heldout: HeldOut,
     return res
 
 
-def best_scale(box_tables: Sequence[dict], settings: AnalysisSettings) -> dict | None:
+def best_scale(box_tables: Sequence[Mapping[str, float]], settings: AnalysisSettings
+               ) -> dict[str, float] | None:
     """The scale with the highest mean flip rate whose keep-rates both reach the threshold."""
     usable = [(s, t) for s, t in zip(settings.scales, box_tables)
               if min(t["keep_label0"], t["keep_label1"]) >= settings.keep_threshold]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _stats_key(hp: ROMEHyperParams) -> tuple:
+# layer, mom2_adjustment, mom2_dataset, mom2_n_samples, mom2_dtype, mom2_ridge
+_StatsKey = tuple[int, bool, str, int, str, float]
+
+
+def _stats_key(hp: ROMEHyperParams) -> _StatsKey:
     """What ``C⁻¹`` depends on: a change of any of these recomputes (or re-reads) it."""
     return (hp.layer, hp.mom2_adjustment, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_dtype,
             hp.mom2_ridge)
@@ -64,7 +68,7 @@ class Applied:
                        .detach().clone() for layer in self.layers}
         self.active = False
 
-    def _write(self, write) -> Applied:
+    def _write(self, write: Callable[[], object]) -> Applied:
         try:
             write()
         except BaseException:
@@ -94,7 +98,7 @@ class Applied:
     def __enter__(self) -> Applied:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.active:
             self.revert()
 
@@ -123,7 +127,7 @@ class Editor:
         self._stats, self._corpus, self._until_stable = stats, corpus, until_stable
         self._templates = list(context_templates) if context_templates is not None else None
         self._inverse: SecondMomentInverse | None = None
-        self._inverse_key: tuple | None = None
+        self._inverse_key: _StatsKey | None = None
         self._hparams = hparams
         self._stack: list[Applied] = []
 
@@ -133,7 +137,7 @@ class Editor:
              device: str | None = None, stats: str | Path | None = None,
              corpus: str | None = None, until_stable: Stability | None = None,
              context_templates: Sequence[str] | None = None, seed: int = 0,
-             progress: bool = True, **load_options) -> Editor:
+             progress: bool = True, **load_options: Any) -> Editor:
         """Load ``model`` (``None``: the bundled toy GPT-J; a hub id or local directory) with
         its hyperparameters: ``hparams`` (a reference-format JSON file or an object), else the
         model's preset, else the no-preset defaults; ``layer`` overrides the edit layer.
@@ -149,7 +153,7 @@ class Editor:
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, model: str | Path | None = None, *,
-                   progress: bool = True, **load_options) -> Editor:
+                   progress: bool = True, **load_options: Any) -> Editor:
         """An editor with exactly a sweep's settings (``sweep.json``: hyperparameters, context
         templates, the statistics file when it still exists), on ``model`` (default: the
         bundled one) — refused unless that is the model the sweep was recorded on."""
@@ -208,7 +212,7 @@ class Editor:
     # --- find where and how to edit ---------------------------------------------------------
 
     def locate(self, prompt: str, cases: Sequence[tuple[str, str]], *, use: bool = True,
-               **options) -> LocateResult:
+               **options: Any) -> LocateResult:
         """Average causal traces of ``prompt`` over ``(subject, answer)`` cases and recommend
         the edit layer (:func:`rome_edit.tracing.average.locate`; ``options`` go to it).  With
         ``use`` the editor edits that layer from now on."""
@@ -218,7 +222,7 @@ class Editor:
         return result
 
     def calibrate(self, requests: Sequence[EditRequest], *, use: bool = True,
-                  **options) -> CalibrationResult:
+                  **options: Any) -> CalibrationResult:
         """Measure a grid of layers × clamps × steps on ``requests`` and choose one by a
         documented rule (:func:`rome_edit.calibration.calibrate`; ``options`` such as
         ``neighbour_pool``, ``kept``, ``grid``, ``rule`` go to it).  With ``use`` the editor
@@ -289,9 +293,9 @@ class Editor:
 
     def sweep(self, requests: Sequence[EditRequest], out: str | Path, *,
               labels: Sequence[int] | None = None, classes: tuple[str, str] = ("0", "1"),
-              extra: Sequence[dict] | None = None, neighbour_pool: Sequence[str] | None = None,
-              kept: Sequence[KeptFact] = (), batch_size: int = 64,
-              protection: Protection | None = None) -> dict:
+              extra: Sequence[dict[str, Any]] | None = None,
+              neighbour_pool: Sequence[str] | None = None, kept: Sequence[KeptFact] = (),
+              batch_size: int = 64, protection: Protection | None = None) -> dict[str, Any]:
         """Edit every request alone, record its delta and scores into ``out`` (resumable;
         :func:`rome_edit.editing.sweep.run_sweep`); ``labels``/``classes`` are the binary
         concept ``rome_edit.DeltaSet.from_sweep(out)`` reads back."""
@@ -307,7 +311,14 @@ class Editor:
         """Write ``v_orig + s·g`` for each subject at the vector's layer (seed 001's rank-one
         edit, the reference form ``Λ = s·g/(uᵀk)``); ``s·g`` is ``vector.signed(scale)``.
         ``prompt`` (default: the one the deltas were recorded on) is where the subject's key
-        and value are read.  Usually called as ``vector.applied(editor, subjects, scale)``."""
+        and value are read.  Usually called as ``vector.applied(editor, subjects, scale)``.
+
+        This stays the reference form on purpose: it is the in-memory test of a vector, one
+        revertible handle, as in the paper.  For a model *saved* with the vector written for
+        many names, :func:`rome_edit.study.persisted.persist_vector` (``form=None``) uses the
+        default of ``rome-edit apply --persist``: the fitted form protecting other names, which
+        kept 99.8% of other names' gender where sequential reference writes kept 72.4%
+        (docs/beyond-rome.md)."""
         subjects = [subjects] if isinstance(subjects, str) else list(subjects)
         check_same_model(self.lm, vector.model_identity, "the vector",
                          "load the model the vector was learnt on.")

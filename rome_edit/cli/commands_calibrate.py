@@ -160,6 +160,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
             f"{p['best_eligible_efficacy']:.3f}"
         effect = "–" if p["trace_mlp_effect"] is None else f"{p['trace_mlp_effect']:+.4f}"
         print(f"  layer {p['layer']}: {p['best_efficacy']:.3f} / {allowed} / {effect}")
+    form = result.base.update_form
+    print(f"update: every candidate edit was ROME's rank-one update, {form} form, no protection "
+          "(the default of edit/sweep, as in the paper; the written file keeps update_form "
+          f"{result.hparams.update_form})")
     c = result.chosen
     if not result.choice.rule_met:
         print("WARNING: no candidate met the rule; the most specific one was chosen.")

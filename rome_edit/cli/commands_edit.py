@@ -75,9 +75,24 @@ def _setup(args, workers: Workers = SINGLE, prompt: str | None = None,
     return lm, hp, templates, inverse
 
 
+def update_line(update_form: str, asked_update: str | None, protect: str | None) -> str:
+    """The one line ``edit``/``sweep`` print: which update they write and why.  Single edits
+    and sweeps keep ROME's paper-form rank-one update by default (parity with Meng et al.
+    2022), where ``apply --persist`` defaults to a protected form."""
+    protected = protect is not None and protect != "none"
+    if asked_update is None and update_form == "paper" and not protected:
+        return ("update: ROME's rank-one update, paper form, no protection (the default, as in "
+                "the paper; --protect other-names spares other names' keys, "
+                "docs/beyond-rome.md)")
+    why = "--update" if asked_update is not None else "the hparams' update_form"
+    return (f"update: ROME's rank-one update, {update_form} form ({why}), "
+            + (f"protecting {protect} (--protect)" if protected else "no protection"))
+
+
 def run_edit(args: argparse.Namespace) -> int:
     request = EditRequest(args.subject, args.prompt, args.target)
     lm, hp, templates, inverse = _setup(args, prompt=args.prompt, subjects=[args.subject])
+    print(update_line(hp.update_form, args.update, args.protect))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
@@ -118,6 +133,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     with data_parallel() as workers:
         lm, hp, templates, inverse = _setup(args, workers, prompt=EDIT_PROMPT,
                                             subjects=[e.name for e in names])
+        if workers.is_main:
+            print(update_line(hp.update_form, args.update, args.protect), flush=True)
         protection = protection_from_args(args, lm, hp.layer, EDIT_PROMPT,
                                           [e.name for e in neighbours], templates)
         summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,

@@ -10,24 +10,18 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 
-from rome_edit.cli import (
-    commands_analysis,
-    commands_calibrate,
-    commands_edit,
-    commands_forensics,
-    commands_lens,
-    commands_linearize,
-    commands_model,
-    commands_stats,
-    commands_trace,
-)
-from rome_edit.distributed import launched_in_parallel
+from rome_edit._version import __version__
 
-# Each module exposes ``register(subparsers)``; order is the order of the help text.
-COMMAND_MODULES = [commands_model, commands_trace, commands_stats, commands_calibrate,
-                   commands_edit, commands_analysis, commands_forensics, commands_lens,
-                   commands_linearize]
+# Each module (in rome_edit.cli) exposes ``register(subparsers)``; order is the order of the help
+# text. They are imported when the parser is built, not with this module, so that
+# ``rome-edit --version`` answers without importing torch (a fraction of a second, not seconds).
+COMMAND_MODULES = ["commands_model", "commands_trace", "commands_stats", "commands_calibrate",
+                   "commands_edit", "commands_analysis", "commands_forensics", "commands_lens",
+                   "commands_linearize"]
+
+VERSION = f"rome-edit {__version__}"
 
 
 # Commands that split their work over data-parallel processes (rome_edit.distributed).
@@ -44,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=VERSION)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        module.register(subparsers)
+    for name in COMMAND_MODULES:
+        import_module(f"rome_edit.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # --version is answered before build_parser imports the commands (and torch); exact spelling
+    # only, since the full parser's --verbose shares the prefix --ver.
+    version_only = argparse.ArgumentParser(prog="rome-edit", add_help=False, allow_abbrev=False)
+    version_only.add_argument("--version", action="version", version=VERSION)
+    version_only.parse_known_args(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    from rome_edit.distributed import launched_in_parallel  # imports torch
+
     try:
         if launched_in_parallel() and args.command not in PARALLEL_COMMANDS:
             raise UserError(f"'{args.command}' runs in one process; launch only "

@@ -16,14 +16,16 @@ from rome_edit.editing.protected_keys import (
 from rome_edit.models.loading import LoadedModel
 
 _DEFAULT = ProtectSettings()
+NO_PROTECTION = "none"
 
 
 def add_protect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--protect", default=None, metavar="other-names|same-last-token|FILE",
+    p.add_argument("--protect", default=None, metavar="other-names|same-last-token|FILE|none",
                    help="keep the edit layer's output at other subjects' keys unchanged: every "
                         "other name, the names sharing the edited name's last token, or the "
-                        "names in FILE (CSV with a 'name' column, or one per line); see "
-                        "docs/beyond-rome.md")
+                        "names in FILE (CSV with a 'name' column, or one per line); 'none' "
+                        "protects nothing (the default, except for 'apply --persist' of a "
+                        "vector: other-names); see docs/beyond-rome.md")
     p.add_argument("--protect-form", choices=PROTECT_FORMS, default=_DEFAULT.form,
                    help="hard constraints, soft penalty, AlphaEdit null space, or auto (hard "
                         "while the protected keys are at most a quarter of the key width, soft "
@@ -46,8 +48,9 @@ def add_protect_args(p: argparse.ArgumentParser) -> None:
 def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, prompt: str,
                          pool: Sequence[str], context_templates: Sequence[str]
                          ) -> Protection | None:
-    """The protection the arguments ask for (``None`` without ``--protect``)."""
-    if args.protect is None:
+    """The protection the arguments ask for (``None`` without ``--protect`` or with
+    ``--protect none``)."""
+    if args.protect is None or args.protect == NO_PROTECTION:
         return None
     settings = ProtectSettings(args.protect_form, args.protect_weight, args.protect_threshold)
     if args.protect in SOURCES and args.protect_names is not None:

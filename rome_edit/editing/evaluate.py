@@ -28,9 +28,11 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from rome_edit.editing.apply import applied, row_edits
 from rome_edit.editing.record import EditRecord
@@ -75,21 +77,22 @@ class EditScore:
     p_old_after: float
     kept: dict[str, bool] = field(default_factory=dict)  # KeptFact name → unchanged
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Flat: each kept fact becomes ``<name>_kept`` (e.g. ``city_kept``)."""
         out = asdict(self)
         out.update({f"{k}_kept": v for k, v in out.pop("kept").items()})
         return out
 
 
-def first_token(tokenizer, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def first_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"answer {text!r} tokenizes to nothing; give a non-empty answer.")
     return ids[0]
 
 
-def _answer_ids(tokenizer, new: str, true: str | None, where: str) -> tuple[int, int]:
+def _answer_ids(tokenizer: PreTrainedTokenizerBase, new: str, true: str | None, where: str
+                ) -> tuple[int, int]:
     if true is None:
         raise ValueError(f"{where}: evaluating an edit needs its target_true (the old answer); "
                          "give it in the EditRequest.")
@@ -101,7 +104,8 @@ def _answer_ids(tokenizer, new: str, true: str | None, where: str) -> tuple[int,
     return a, b
 
 
-def last_tokens(tokenizer, prompt: str, subjects: Sequence[str]) -> dict[str, int]:
+def last_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, subjects: Sequence[str]
+                ) -> dict[str, int]:
     """Each subject's last token in ``prompt``."""
     spans = locate_subjects(tokenizer, [prompt] * len(subjects), list(subjects))
     return {n: sp.input_ids[sp.last] for n, sp in zip(subjects, spans)}
@@ -122,7 +126,7 @@ def neighbours(subject: str, pool: Sequence[str], last: dict[str, int],
     return picked, rng.sample(rest, min(n_random, len(rest)))
 
 
-def _fact_ids(tokenizer, fact: KeptFact) -> torch.Tensor:
+def _fact_ids(tokenizer: PreTrainedTokenizerBase, fact: KeptFact) -> torch.Tensor:
     return torch.tensor(sorted({first_token(tokenizer, c) for c in fact.candidates}))
 
 
@@ -187,12 +191,12 @@ def evaluate_edits(
         prompts, owner = [], []
         for j, r in enumerate(part):
             q, i = r.request, start + j
-            rows = ([fill(q.prompt, q.subject)] + [fill(p.prompt, q.subject)
-                                                   for p in q.paraphrases]
-                    + [fill(q.prompt, n) for n in near[i]]
-                    + [fill(f.prompt, q.subject) for f in kept])
-            prompts += rows
-            owner += [j] * len(rows)
+            texts_j = ([fill(q.prompt, q.subject)] + [fill(p.prompt, q.subject)
+                                                      for p in q.paraphrases]
+                       + [fill(q.prompt, n) for n in near[i]]
+                       + [fill(f.prompt, q.subject) for f in kept])
+            prompts += texts_j
+            owner += [j] * len(texts_j)
         u = torch.stack([r.u for r in part])
         lam = torch.stack([r.lam for r in part])
         idx = torch.tensor(owner)
@@ -239,7 +243,7 @@ SUMMARY_KEYS = ("efficacy", "paraphrase", "specificity", "specificity_same_last_
                 "fluency_after")
 
 
-def summarize(scores: Sequence[EditScore | dict]) -> dict[str, float | None]:
+def summarize(scores: Sequence[EditScore | dict[str, Any]]) -> dict[str, float | None]:
     """Mean of each metric (success rates, ``<fact>_kept`` included; ``mean_p_*`` are
     probabilities; ``fluency_*`` are n-gram entropies in bits, over the rows that have them),
     skipping ``None``."""
@@ -282,7 +286,8 @@ def generations(lm: LoadedModel, record: EditRecord, prompt: str | None = None,
     return {"prompt": text, "before": before, "after": after}
 
 
-def edit_fluency(lm: LoadedModel, record: EditRecord, max_new_tokens: int = 30) -> dict:
+def edit_fluency(lm: LoadedModel, record: EditRecord, max_new_tokens: int = 30
+                 ) -> dict[str, str | float]:
     """Greedy generations of the edit prompt before/after ``record`` (the source document's
     ``Name: Ani. Gender: …``) and their n-gram entropy in bits (ROME's fluency)."""
     g = generations(lm, record, max_new_tokens=max_new_tokens)

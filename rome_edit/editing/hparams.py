@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 UpdateForm = Literal["paper", "rome-reference"]
 
@@ -51,7 +51,7 @@ class ROMEHyperParams:
     mom2_dtype: str = "float32"
     update_form: UpdateForm = "paper"
     mom2_ridge: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.layers) != 1:
@@ -79,7 +79,7 @@ class ROMEHyperParams:
     def with_layer(self, layer: int) -> ROMEHyperParams:
         return replace(self, layers=(layer,))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("extra")
         data["layers"] = list(self.layers)
@@ -91,7 +91,7 @@ class ROMEHyperParams:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict) -> ROMEHyperParams:
+    def from_dict(cls, data: dict[str, Any]) -> ROMEHyperParams:
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
@@ -121,8 +121,8 @@ class ROMEHyperParams:
     @classmethod
     def preset(cls, name: str) -> ROMEHyperParams:
         """A shipped preset: ``gpt-j-6b`` (the reference values) or ``toy-gptj`` (bundled)."""
-        available = sorted(p.name.removesuffix(".json") for p in
-                           Path(str(resources.files("rome_edit").joinpath("hparams"))).glob("*.json"))
+        presets = Path(str(resources.files("rome_edit").joinpath("hparams")))
+        available = sorted(p.name.removesuffix(".json") for p in presets.glob("*.json"))
         if name not in available:
             raise ValueError(f"no preset {name!r}; available: {available}.")
-        return cls.load(Path(str(resources.files("rome_edit").joinpath("hparams", f"{name}.json"))))
+        return cls.load(presets / f"{name}.json")

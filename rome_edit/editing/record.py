@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,13 +19,20 @@ TENSOR_NAMES = ("k_star", "v_orig", "v_star", "delta", "u", "lam")
 class EditRecord:
     """A ROME edit: enough to re-apply it, revert it, and study ``delta = v* − v_orig``.
 
-    The weight change is ``lam ⊗ u`` (``W ← W + Λ uᵀ``) at ``layer``'s MLP output projection.
+    The weight change is ``lam ⊗ u`` (``W ← W + Λ uᵀ``) at ``layer``'s MLP output projection,
+    ``W`` as ``(d_model, d_mlp)`` (GPT-2's Conv1D stores its transpose).  Tensors (float32;
+    saved as float32 on the CPU):
+
+    * ``k_star``: ``(d_mlp,)`` the subject's key averaged over the context templates;
+    * ``v_orig``, ``v_star``, ``delta``: ``(d_model,)`` the value before, the value written
+      and their difference ``delta = v_star − v_orig``;
+    * ``u``: ``(d_mlp,)`` and ``lam``: ``(d_model,)``, the rank-one update's two factors.
     """
 
     request: EditRequest
     model_identity: str
     layer: int
-    hparams: dict
+    hparams: dict[str, Any]
     k_star: torch.Tensor
     v_orig: torch.Tensor
     v_star: torch.Tensor
@@ -32,21 +40,22 @@ class EditRecord:
     u: torch.Tensor
     lam: torch.Tensor
     update_form: str = "paper"
-    stats: dict | None = None  # provenance of C (None: identity, no mom2 adjustment)
+    stats: dict[str, Any] | None = None  # provenance of C (None: identity, no mom2 adjustment)
     losses: tuple[float, ...] = ()
-    probs: dict = field(default_factory=dict)  # e.g. {"before": {...}, "after": {...}}
-    timings: dict = field(default_factory=dict)
+    probs: dict[str, Any] = field(default_factory=dict)  # e.g. {"before": {...}, "after": {...}}
+    timings: dict[str, Any] = field(default_factory=dict)
     context_templates: tuple[str, ...] = ()
     attn_implementation: str | None = None  # eager / sdpa; None in records of rome-edit 0.1.0
     # Protected keys (rome_edit.editing.protected_keys): source, form, parameters, which names;
     # None for an unprotected edit and in records written before protection existed.
-    protection: dict | None = None
+    protection: dict[str, Any] | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The six tensors by name (``k_star`` … ``lam``), as detached float32 CPU copies."""
         return {name: getattr(self, name).detach().float().cpu().clone()
                 for name in TENSOR_NAMES}
 
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         return {
             "request": self.request.to_dict(), "model_identity": self.model_identity,
             "layer": self.layer, "hparams": self.hparams, "update_form": self.update_form,
@@ -64,7 +73,7 @@ class EditRecord:
         return directory
 
     @classmethod
-    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> EditRecord:
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EditRecord:
         missing = [n for n in TENSOR_NAMES if n not in tensors]
         if missing:
             raise ValueError(f"record tensors {missing} are missing; the file is not an edit "

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from rome_edit.editing.context import compose, escape_braces
-from rome_edit.models.subject import locate_subjects, split_template
+from rome_edit.models.subject import decode, locate_subjects, split_template
+
+if TYPE_CHECKING:  # transformers is heavy; only the annotations need it
+    from transformers import PreTrainedTokenizerBase
 
 KL_PROMPT = "{} is a"  # the reference's single essence/KL prompt
 
@@ -30,7 +34,7 @@ class Paraphrase:
         if not self.target_new.strip() or not self.target_true.strip():
             raise ValueError(f"paraphrase {self.prompt!r} needs a non-empty new and true answer.")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str]:
         return {"prompt": self.prompt, "target_new": self.target_new,
                 "target_true": self.target_true}
 
@@ -65,9 +69,9 @@ class EditRequest:
             p if isinstance(p, Paraphrase) else Paraphrase(*p) for p in self.paraphrases))
         object.__setattr__(self, "neighbours", tuple(str(n) for n in self.neighbours))
 
-    def to_dict(self) -> dict:
-        out = {"subject": self.subject, "prompt": self.prompt, "target_new": self.target_new,
-               "target_true": self.target_true}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"subject": self.subject, "prompt": self.prompt,
+                               "target_new": self.target_new, "target_true": self.target_true}
         if self.paraphrases:  # records of plain edits keep their original four keys
             out["paraphrases"] = [p.to_dict() for p in self.paraphrases]
         if self.neighbours:
@@ -75,7 +79,7 @@ class EditRequest:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> EditRequest:
+    def from_dict(cls, data: dict[str, Any]) -> EditRequest:
         """Inverse of :meth:`to_dict` (records saved before paraphrases existed included)."""
         return cls(data["subject"], data["prompt"], data["target_new"], data.get("target_true"),
                    tuple(Paraphrase(**p) for p in data.get("paraphrases", ())),
@@ -97,19 +101,19 @@ class PromptLayout:
     targets: tuple[int, ...] = ()
 
 
-def target_ids(tokenizer, target: str) -> list[int]:
-    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    ids: list[int] = tokenizer(target, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing; give a non-empty target.")
     return ids
 
 
 def rewriting_layouts(
-    tokenizer, request: EditRequest, context_templates: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase, request: EditRequest, context_templates: Sequence[str]
 ) -> tuple[list[PromptLayout], PromptLayout]:
     """The rewriting prompts (one per context template) and the KL prompt of a request."""
     tgt = target_ids(tokenizer, request.target_new)
-    head = escape_braces(tokenizer.decode(tgt[:-1])) if len(tgt) > 1 else ""
+    head = escape_braces(decode(tokenizer, tgt[:-1])) if len(tgt) > 1 else ""
     templates = [compose(context, request.prompt) + head for context in context_templates]
     *spans, kl = locate_subjects(tokenizer, [*templates, KL_PROMPT],
                                  [request.subject] * (len(templates) + 1))

@@ -235,7 +235,8 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     out = Path(out_dir)
     manifest = json.loads((out / "sweep.json").read_text())
     shard_dir = out / "shards"
-    rows, tensors = [], {n: [] for n in TENSOR_NAMES}
+    rows: list[dict] = []
+    tensors: dict[str, list[torch.Tensor]] = {n: [] for n in TENSOR_NAMES}
     for jsonl in sorted(shard_dir.glob("*.jsonl")):
         fix = f"delete both files of shard {jsonl.stem} and run the sweep again to redo it"
         try:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -37,8 +37,8 @@ from rome_edit.editing.hparams import UpdateForm
 from rome_edit.editing.key import key_stars, keys_and_values
 from rome_edit.editing.protected_keys import Protection, protected_u
 from rome_edit.editing.rome import SecondMomentInverse
-from rome_edit.models.architectures import check_editable, check_layer, get_module
-from rome_edit.models.hooks import edit_output
+from rome_edit.models.architectures import check_editable, check_layer, get_module, get_weight
+from rome_edit.models.hooks import EditFn, edit_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import encode_batch, single_token_id
 from rome_edit.models.subject import locate_subject, split_template
@@ -82,7 +82,7 @@ class FlipTable:
         """Mean of the two flip rates."""
         return (self.flip_label1 + self.flip_label0) / 2
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -94,7 +94,12 @@ def _check_update_form(update_form: str) -> None:
 
 class SubjectKeys:
     """Each subject's ``k*``, bare key and value at ``layer`` on ``prompt``, and the rank-one
-    direction ``u`` — everything a vector needs to become a weight edit."""
+    direction ``u`` — everything a vector needs to become a weight edit.
+
+    Per subject (row ``i`` is ``subjects[i]``), float32 on the CPU: ``k_star``, ``k_bare``,
+    ``u``: ``(n, d_mlp)``; ``v_orig``, ``value_of_k`` (the unedited layer's output at ``k*``):
+    ``(n, d_model)``.  Vectors given to the methods are ``(d_model,)``.
+    """
 
     def __init__(self, lm: LoadedModel, layer: int, subjects: Sequence[str], prompt: str,
                  context_templates: Sequence[str], inverse: SecondMomentInverse | None,
@@ -121,7 +126,7 @@ class SubjectKeys:
                                  inverse.solver if inverse is not None else None)
         module = get_module(lm.model, lm.arch.out_proj.format(layer))
         with torch.no_grad():
-            w = module.weight
+            w = get_weight(lm.model, lm.arch.out_proj.format(layer))
             self.value_of_k = module(self.k_star.to(w.device, w.dtype)).float().cpu()
 
     @property
@@ -138,7 +143,10 @@ class SubjectKeys:
         return vector
 
     def update_for(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each subject's ``(u, Λ)`` writing ``v_orig + vector`` at its key."""
+        """Each subject's ``(u, Λ)`` writing ``v_orig + vector`` at its key.
+
+        ``vector``: ``(d_model,)``.  Returns ``u``: ``(n, d_mlp)`` and ``Λ``: ``(n, d_model)``,
+        float32."""
         vector = self.check_vector(vector)
         if self.update_form == "rome-reference":
             return self.u, vector[None, :] / (self.u * self.k_bare).sum(-1, keepdim=True)
@@ -148,7 +156,8 @@ class SubjectKeys:
     def write(self, vector: torch.Tensor, signs: Sequence[float] | None = None) -> None:
         """Persistently write ``v_orig + sign·vector`` for every subject (one rank-one update
         each, in subject order; a sign of 0 leaves that subject alone); pair with
-        :func:`~rome_edit.editing.apply.preserved` to undo."""
+        :func:`~rome_edit.editing.apply.preserved` to undo.  ``vector``: ``(d_model,)``;
+        ``signs``: one per subject (default all 1)."""
         signs = [1.0] * len(self.subjects) if signs is None else list(signs)
         if len(signs) != len(self.subjects):
             raise ValueError(f"{len(signs)} signs for {len(self.subjects)} subjects.")
@@ -171,7 +180,8 @@ class VectorApplier(SubjectKeys):
 
     ``labels`` (0/1 per subject) say which answer each subject gives before: label-1 subjects
     answer A, label-0 subjects B, on every task.  The first task's prompt is where the vector
-    is written (the edit prompt).
+    is written (the edit prompt).  ``label1``: ``(n,)`` bool, the labels as given; the keys and
+    values are :class:`SubjectKeys`'s.
     """
 
     def __init__(self, lm: LoadedModel, layer: int, subjects: Sequence[str],
@@ -198,16 +208,22 @@ class VectorApplier(SubjectKeys):
         self.label1 = torch.tensor([bool(y) for y in labels])
 
     def predict_b(self, vector: torch.Tensor | None, mode: Mode = "weights") -> torch.Tensor:
-        """Boolean ``(n_subjects, n_tasks)``: is answer B preferred after adding ``vector``?"""
+        """Is answer B preferred after adding ``vector``?
+
+        ``vector``: ``(d_model,)``, or ``None`` for the unedited model.  Returns
+        ``(n, n_tasks)`` bool (row ``i``: subject ``i``; column ``t``: task ``t``)."""
         scores = self.answer_logits(vector, mode)
         return scores[..., 1] > scores[..., 0]
 
     def answer_logits(self, vector: torch.Tensor | None, mode: Mode = "weights") -> torch.Tensor:
-        """Logits of the answers (A, B), ``(n_subjects, n_tasks, 2)``, after the vector."""
+        """Logits of the answers (A, B) after the vector.
+
+        ``vector``: ``(d_model,)``, or ``None``.  Returns ``(n, n_tasks, 2)`` float32 on the
+        CPU (last axis: A, B)."""
         lm, n_tasks = self.lm, len(self.tasks)
         ids, mask, last = encode_batch(lm.tokenizer, self.prompts, lm.device)
-        hooks: dict = {}
-        rows_ctx = contextlib.nullcontext()
+        hooks: dict[str, EditFn] = {}
+        rows_ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use 'weights' or 'activations'.")
         if vector is not None:
@@ -228,13 +244,15 @@ class VectorApplier(SubjectKeys):
 
                 hooks = {lm.arch.mlp.format(self.layer): add}
         with torch.no_grad(), edit_output(lm.model, hooks), rows_ctx:
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+            logits: torch.Tensor = lm.model(input_ids=ids, attention_mask=mask).logits
         final = logits[torch.arange(len(last)), last].float().cpu()
         answers = torch.tensor(self.answer_ids)
         return final.gather(1, answers).view(len(self.subjects), n_tasks, 2)
 
     def flip_table(self, vector: torch.Tensor, mode: Mode = "weights") -> FlipTable:
-        """Apply ``+vector`` and ``−vector``; the four success rates on held-out subjects."""
+        """Apply ``+vector`` and ``−vector``; the four success rates on held-out subjects.
+
+        ``vector``: ``(d_model,)``, already scaled (its norm is recorded)."""
         plus, minus = self.predict_b(vector, mode), self.predict_b(-vector, mode)
         one, zero = self.label1, ~self.label1
 

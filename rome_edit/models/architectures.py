@@ -122,6 +122,16 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise UnsupportedModelError(f"no module {name!r}; modules nearby: {near}") from None
 
 
+def get_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``weight`` parameter of a submodule by dotted name (typed: ``nn.Module.__getattr__``
+    answers ``Tensor | Module``, so a plain ``.weight`` does not type-check)."""
+    weight = get_module(model, name).weight
+    if not isinstance(weight, torch.Tensor):
+        raise UnsupportedModelError(f"module {name!r} has no weight tensor (its 'weight' is a "
+                                    f"{type(weight).__name__}); check the architecture entry.")
+    return weight
+
+
 def n_layers(model: nn.Module, arch: Architecture) -> int:
     return len(get_module(model, arch.layers))  # type: ignore[arg-type]
 

@@ -55,7 +55,8 @@ class ModelMismatchError(ValueError):
 class Identified(Protocol):
     """What can answer whether a recorded identity is its own (a ``LoadedModel``)."""
 
-    identity: str
+    @property
+    def identity(self) -> str: ...  # read-only: LoadedModel derives it from name + fingerprint
 
     def same_model(self, recorded: str) -> bool: ...
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from rome_edit.models.architectures import Architecture, detect_architecture, get_module, n_layers
+from rome_edit.models.architectures import Architecture, detect_architecture, get_weight, n_layers
 from rome_edit.models.compat import (
     ATTENTION_IMPLEMENTATIONS,
     TRANSFORMERS_VERSION,
@@ -33,7 +34,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def bundled_model_path() -> Path:
     """The toy GPT-J shipped inside the package (see ``scripts/train_toy_model.py``)."""
-    return Path(str(resources.files("rome_edit").joinpath("assets", "toy-gptj")))
+    # one name per joinpath: Python 3.10's Traversable.joinpath takes a single child
+    return Path(str(resources.files("rome_edit").joinpath("assets").joinpath("toy-gptj")))
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class LoadedModel:
     @cached_property
     def legacy_fingerprints(self) -> frozenset[str]:
         """This model's fingerprints under rome-edit 0.1.0's scheme (computed on first use)."""
-        return legacy_fingerprints(self.model, get_module(self.model, self.arch.embed).weight)
+        return legacy_fingerprints(self.model, get_weight(self.model, self.arch.embed))
 
     def same_model(self, recorded: str) -> bool:
         """Whether an identity read from saved work names this model: its fingerprint, or one
@@ -76,7 +78,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return get_module(self.model, self.arch.embed).weight.device
+        return get_weight(self.model, self.arch.embed).device
 
 
 def wrap_model(
@@ -93,7 +95,7 @@ def wrap_model(
         set_attention(model, attn_implementation)
     model.eval()
     model.requires_grad_(False)  # ROME never trains weights; gradients flow to δ only
-    embed = get_module(model, arch.embed).weight
+    embed = get_weight(model, arch.embed)
     return LoadedModel(model, tokenizer, arch, name, fingerprint(model, embed, name))
 
 
@@ -101,8 +103,8 @@ def load_model(
     name_or_path: str | Path | None = None,
     dtype: str = "float32",
     device: str | None = None,
-    device_map: str | dict | None = None,
-    max_memory: dict | None = None,
+    device_map: str | dict[str, int | str | torch.device] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     templates: dict[str, str] | None = None,
     offload_folder: str | Path | None = None,
     attn_implementation: str = "eager",
@@ -134,7 +136,7 @@ def load_model(
             f"the bundled model is missing at {source}; reinstall rome-edit or train it with "
             "scripts/train_toy_model.py."
         )
-    kwargs: dict = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory is not None:
@@ -144,7 +146,7 @@ def load_model(
     log.info("loading %s (%s)", source, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"could not load model {source!r}: {err}. Pass a local model directory or a hub id "

@@ -14,11 +14,24 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 
 class SubjectNotFoundError(ValueError):
     """The template or subject cannot be located; the message says how to fix it."""
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int] | torch.Tensor,
+           skip_special_tokens: bool = False) -> str:
+    """One token sequence as text (``tokenizer.decode`` is typed ``str | list[str]`` because a
+    batch decodes to a list; one sequence always decodes to a string)."""
+    text = tokenizer.decode(ids if isinstance(ids, torch.Tensor) else list(ids),
+                            skip_special_tokens=skip_special_tokens)
+    if not isinstance(text, str):
+        raise TypeError(f"decoding one sequence gave {type(text).__name__}, not str; pass a 1-D "
+                        "sequence of token ids.")
+    return text
 
 
 @dataclass(frozen=True)

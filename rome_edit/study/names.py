@@ -109,7 +109,7 @@ def balanced_names(entries: Sequence[NameEntry], n: int | None) -> list[NameEntr
     """The first ``n`` names alternating female, male, female, … in list order (the rest of
     the longer gender once the other runs out), so any prefix is as balanced as it can be."""
     by_gender = [[e for e in entries if e.gender == g] for g in GENDERS]
-    mixed = []
+    mixed: list[NameEntry] = []
     for i in range(max(map(len, by_gender), default=0)):
         mixed.extend(group[i] for group in by_gender if i < len(group))
     return mixed if n is None else mixed[:n]
