@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import context_templates_for, default_hparams
-from rome_edit.models.loading import load_model, wrap_model
+from rome_edit.models.loading import wrap_model
 from rome_edit.study.names import balanced_names, load_names
 from rome_edit.study.task import gender_requests
 
@@ -113,10 +113,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundled = load_model()
-    base = replace(default_hparams(bundled), context_template_length_params=((5, 10), (10, 10)),
-                   v_num_grad_steps=args.steps, mom2_adjustment=False)
-    templates = context_templates_for(bundled, base)
+    ed = Editor.load()
+    ed.hparams = replace(ed.hparams, context_template_length_params=((5, 10), (10, 10)),
+                         v_num_grad_steps=args.steps, mom2_adjustment=False)
+    bundled, base, templates = ed.lm, ed.hparams, ed.context_templates
     requests = gender_requests(balanced_names(load_names(split="edit"), args.n))
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     for shape in args.shapes:

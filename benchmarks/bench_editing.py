@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.evaluate import evaluate_edits, summarize
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
-from rome_edit.models.loading import load_model
 from rome_edit.study.names import load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 
@@ -38,10 +37,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/editing.json"))
     args = parser.parse_args()
-    lm = load_model()
-    hp = replace(default_hparams(lm), context_template_length_params=((5, 10), (10, 10)))
-    templates = context_templates_for(lm, hp)
-    inverse = inverse_for(lm, hp, progress=False)
+    ed = Editor.load(progress=False)
+    ed.hparams = replace(ed.hparams, context_template_length_params=((5, 10), (10, 10)))
+    lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
     names = load_names(split="edit")
     names = [n for pair in zip(names[::2], names[1::2]) for n in pair][: args.n]
     requests = [EditRequest(e.name, EDIT_PROMPT, ANSWERS[other_gender(e.gender)],

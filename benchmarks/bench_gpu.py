@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.memory import GIB, estimate_edit_memory, meta_model
 from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import context_templates_for
 from rome_edit.models.loading import load_model, wrap_model
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus
 from rome_edit.stats.inverse import InverseSecondMoment
@@ -134,7 +134,7 @@ def main() -> None:
                          v_num_grad_steps=args.steps, v_lr=0.5, v_weight_decay=0.5,
                          clamp_norm_factor=4, kl_factor=0.0625, mom2_adjustment=False,
                          context_template_length_params=((5, 10), (10, 10)))
-    templates = context_templates_for(bundled, hp)
+    templates = Editor(bundled, hp).context_templates
     requests = gender_requests(balanced_names(load_names(split="edit"), max(args.chunks)))
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else "cpu", "torch": torch.__version__, "shape": args.shape,

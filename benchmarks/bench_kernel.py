@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import context_templates_for, default_hparams
-from rome_edit.models.loading import load_model, wrap_model
+from rome_edit.models.loading import wrap_model
 from rome_edit.study.names import load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 
@@ -83,10 +83,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel.json"))
     args = parser.parse_args()
-    bundled = load_model()
-    base = replace(default_hparams(bundled), context_template_length_params=((5, 10), (10, 10)),
-                   v_num_grad_steps=args.steps, mom2_adjustment=False)
-    templates = context_templates_for(bundled, base)
+    ed = Editor.load()
+    ed.hparams = replace(ed.hparams, context_template_length_params=((5, 10), (10, 10)),
+                         v_num_grad_steps=args.steps, mom2_adjustment=False)
+    bundled, base, templates = ed.lm, ed.hparams, ed.context_templates
     names = load_names(split="edit")
     names = [n for pair in zip(names[::2], names[1::2]) for n in pair][: args.n]
     requests = [EditRequest(e.name, EDIT_PROMPT, ANSWERS[other_gender(e.gender)],

@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.key import keys_and_values
 from rome_edit.editing.rome import SecondMomentInverse
-from rome_edit.editing.session import context_templates_for, default_hparams
-from rome_edit.models.loading import load_model
 from rome_edit.stats.corpus import bundled_corpus
 from rome_edit.stats.second_moment import compute_second_moment
 from rome_edit.stats.stability import Stability, StabilityMonitor
@@ -107,8 +106,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["bundled", "deep"], default="bundled")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stats_stable.json"))
     args = parser.parse_args()
-    bundled = load_model()
-    hp = default_hparams(bundled)
+    ed = Editor.load()
+    bundled, hp = ed.lm, ed.hparams
     names = balanced_names(load_names(split="edit"), None)
     subjects = [e.name for e in names]
     if args.trajectory:
@@ -126,7 +125,7 @@ def main() -> None:
     keys, _ = keys_and_values(bundled, hp.layer, [EDIT_PROMPT] * len(subjects), subjects)
     result["bundled"], full, early = compare(bundled, hp.layer, hp.mom2_n_samples, keys,
                                              args.probes, args.min_cosine, args.measure)
-    templates = context_templates_for(bundled, hp)
+    templates = ed.context_templates
     sweeps = {}
     for name, stats in (("fixed", full), ("stable", early)):
         inverse = SecondMomentInverse(stats.inverse(), {"model_identity": bundled.identity,

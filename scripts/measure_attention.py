@@ -17,10 +17,9 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import context_templates_for, default_hparams
-from rome_edit.models.loading import load_model
 from rome_edit.study.names import load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 from rome_edit.tracing.noise import resolve_noise
@@ -41,9 +40,9 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         runs = {}
         for implementation in ("eager", "sdpa"):
-            lm = load_model(dtype=dtype, attn_implementation=implementation)
-            hp = replace(default_hparams(lm), mom2_adjustment=False)  # δ does not use C
-            templates = context_templates_for(lm, hp)
+            ed = Editor.load(dtype=dtype, attn_implementation=implementation)
+            ed.hparams = replace(ed.hparams, mom2_adjustment=False)  # δ does not use C
+            lm, hp, templates = ed.lm, ed.hparams, ed.context_templates
             records = compute_edits(lm, requests, hp, templates, progress=False)
             noise = resolve_noise(lm, "s3", EDIT_PROMPT, TRACED)  # the reference's 3σ
             traces = [trace(lm, EDIT_PROMPT, name, noise_std=noise, window=2) for name in TRACED]

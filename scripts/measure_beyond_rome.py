@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rome_edit.analysis.concept_vector import load_concept_vector
+from rome_edit.api.editor import Editor
 from rome_edit.editing.apply import preserved
 from rome_edit.editing.evaluate import evaluate_edits, summarize
 from rome_edit.editing.fitted_write import fit_vector_write, write_fitted
@@ -40,7 +41,6 @@ from rome_edit.editing.persist import load_persisted, load_targets
 from rome_edit.editing.protect import ProtectedDirections, ProtectSettings, second_moment_matrix
 from rome_edit.editing.protected_keys import Protection, build_bank, layer_output, protect_records
 from rome_edit.editing.record import EditRecord
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.models.loading import load_model
 from rome_edit.study.edited_model import model_state, score_model
 from rome_edit.study.names import load_names
@@ -62,12 +62,14 @@ SHOWN = ("n_edits", "efficacy", "paraphrase", "specificity", "specificity_same_l
          "seconds_per_edit")
 
 
+def editor() -> Editor:
+    """The bundled model with its preset, templates sampled with seed 0, cached statistics."""
+    return Editor.load(seed=0, progress=False)
+
+
 def setup():
-    lm = load_model()
-    hp = default_hparams(lm)
-    templates = context_templates_for(lm, hp, seed=0)
-    inverse = inverse_for(lm, hp, progress=False)
-    return lm, hp, templates, inverse
+    ed = editor()
+    return ed.lm, ed.hparams, ed.context_templates, ed.inverse
 
 
 def write_json(name: str, data: dict) -> None:
@@ -356,9 +358,9 @@ def plot_degradation(table: list[dict], path: Path) -> None:
 
 def part_forensics(args) -> None:
     """Name the edited subjects of the persist part's checkpoints among all bundled names."""
-    original, hp, templates, inverse = setup()
+    ed = editor()
+    original, templates, solver = ed.lm, ed.context_templates, ed.solver
     pool = [e.name for e in load_names()]
-    solver = inverse.solver if inverse is not None else None
     out = []
     for folder in sorted(Path(args.work).glob("persist-*")):
         meta, targets = load_persisted(folder)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.api.editor import Editor
 from rome_edit.editing.evaluate import last_tokens, neighbours
 from rome_edit.editing.key import key_stars, keys_and_values
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.models.loading import load_model
 from rome_edit.study.names import load_names
 from rome_edit.study.task import EDIT_PROMPT
@@ -49,10 +49,9 @@ def main() -> None:
     split = {s: neighbours(s, pool, last) for s in edited}
     result = {"n_edited": len(edited), "prompt": EDIT_PROMPT, "layers": {}}
     for layer in args.layers:
-        hp = default_hparams(lm, layer=layer)
-        hp = replace(hp, v_loss_layer=max(hp.v_loss_layer, layer))
-        templates = context_templates_for(lm, hp)
-        solver = inverse_for(lm, hp, progress=False).solver
+        ed = Editor.from_loaded(lm, layer=layer, progress=False)
+        ed.hparams = replace(ed.hparams, v_loss_layer=max(ed.hparams.v_loss_layer, layer))
+        templates, solver = ed.context_templates, ed.solver
         k_star = key_stars(lm, layer, [EDIT_PROMPT] * len(edited), edited, templates)
         u = solver.solve(k_star).float()
         scale = (u * k_star).sum(-1)

@@ -16,8 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
-from rome_edit.models.loading import load_model
+from rome_edit.api.editor import Editor
 from rome_edit.study.experiment import analyze_gender as analyze
 from rome_edit.study.names import load_names
 from rome_edit.study.sweep import run_gender_sweep
@@ -28,10 +27,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("vectors/bundled-sweep"))
     parser.add_argument("--keep-shards", action="store_true")
     args = parser.parse_args()
-    lm = load_model()
-    hp = default_hparams(lm)
-    templates = context_templates_for(lm, hp, seed=0)
-    inverse = inverse_for(lm, hp)
+    ed = Editor.load(seed=0)
+    lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
     names = load_names()
     summary = run_gender_sweep(lm, [e for e in names if e.split == "edit"], hp, templates,
                                args.out, inverse, neighbour_names=names)

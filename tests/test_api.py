@@ -3,6 +3,7 @@ editor, a second concept (a city swap) through the same generic calls, and the R
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -130,15 +131,16 @@ def test_locate_and_calibrate_choose_the_editors_settings(tiny_gptj):
 
 
 def test_inverse_is_computed_once_per_statistics_setting(tiny_gptj, monkeypatch):
-    import rome_edit.api.editor as editor_mod
+    import rome_edit.editing.session as session_mod
     from rome_edit.stats import Stability
 
     calls = []
-    monkeypatch.setattr(editor_mod, "inverse_for", lambda lm, hp, *a, **kw: calls.append(
+    monkeypatch.setattr(session_mod, "inverse_for", lambda lm, hp, *a, **kw: calls.append(
         (hp.layer, hp.mom2_n_samples, kw["until_stable"])) or object())
     rule = Stability(min_cosine=0.99)
-    ed = Editor(tiny_gptj, replace(tiny_editor(tiny_gptj).hparams, mom2_adjustment=True), CTX,
-                until_stable=rule, progress=False)
+    # The session resolves the corpus (once) before inverse_for: a corpus that is there.
+    hp = replace(tiny_editor(tiny_gptj).hparams, mom2_adjustment=True, mom2_dataset="bundled")
+    ed = Editor(tiny_gptj, hp, CTX, until_stable=rule, progress=False)
     first = ed.inverse
     assert ed.inverse is first and calls == [(1, ed.hparams.mom2_n_samples, rule)]
     ed.hparams = replace(ed.hparams, clamp_norm_factor=3.0)  # not a statistics setting
@@ -148,6 +150,38 @@ def test_inverse_is_computed_once_per_statistics_setting(tiny_gptj, monkeypatch)
     ed.hparams = replace(ed.hparams, mom2_n_samples=7)
     ed.inverse  # noqa: B018
     assert calls[-1] == (2, 7, rule) and len(calls) == 3
+
+
+def test_from_model_is_from_loaded_on_the_wrapped_model(tiny_gptj, tmp_path):
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps(CTX))
+    ed = Editor.from_model(tiny_gptj.model, tiny_gptj.tokenizer, name=tiny_gptj.name, layer=2,
+                           update_form="rome-reference", context_templates=templates,
+                           progress=False)
+    ref = Editor.from_loaded(tiny_gptj, layer=2, update_form="rome-reference")
+    assert ed.lm.identity == tiny_gptj.identity and ed.lm.model is tiny_gptj.model
+    assert ed.hparams == ref.hparams
+    assert (ed.layer, ed.hparams.update_form) == (2, "rome-reference")
+    assert ed.context_templates == CTX  # read from the file, not sampled
+    ed.hparams = replace(ed.hparams, mom2_adjustment=False)
+    assert ed.inverse is None and ed.solver is None
+
+
+def test_session_resolves_a_corpus_once_for_every_layer(tiny_gptj, monkeypatch):
+    """Calibration's guarantee: every layer's statistics read the same corpus object (a
+    sampled corpus is sampled once)."""
+    import rome_edit.editing.session as session_mod
+
+    resolved, used = [], []
+    monkeypatch.setattr(session_mod, "resolve_corpus",
+                        lambda spec, lm=None: resolved.append(spec) or object())
+    monkeypatch.setattr(session_mod, "inverse_for",
+                        lambda lm, hp, stats, corpus, **kw: used.append((hp.layer, corpus)))
+    hp = replace(tiny_editor(tiny_gptj).hparams, mom2_adjustment=True, mom2_dataset="sampled")
+    session = session_mod.Session(tiny_gptj, hp, CTX, progress=False)
+    session.inverse_at(1), session.inverse_at(2), session.inverse_at(3)
+    assert resolved == ["sampled"]
+    assert [layer for layer, _ in used] == [1, 2, 3] and len({id(c) for _, c in used}) == 1
 
 
 def _planted_delta_set(lm, n: int = 40) -> DeltaSet:

@@ -52,3 +52,64 @@ def test_layers_import_only_downwards(layer):
 def test_study_data_modules_import_only_the_standard_library():
     for name in ("corpus.py", "names.py"):
         assert rome_imports(PACKAGE / "study" / name) <= {"study.names"}, name
+
+
+# One assembly point (docs/architecture.md): turning (model, hparams, templates, statistics)
+# into an editing run happens in rome_edit.editing.session.Session, which rome_edit.Editor is
+# built on; every command, the study, calibration, scripts and benchmarks go through one of
+# them.  These resolvers are the Session's parts and are imported or called nowhere else.
+ROOT = PACKAGE.parent
+RESOLVERS = {"default_hparams", "resolve_hparams", "context_templates_for",
+             "sample_context_templates", "inverse_for", "corpus_spec", "cached_second_moment"}
+RESOLVERS_ALLOWED = {
+    "rome_edit/editing/session.py": RESOLVERS,  # the assembly point itself
+    # `rome-edit stats` computes statistics as its product (the cache the Session reads);
+    # it assembles no editing run: no hyperparameters, no templates, no C⁻¹.
+    "rome_edit/cli/commands_stats.py": {"cached_second_moment"},
+    "rome_edit/stats/__init__.py": {"cached_second_moment"},  # the public re-export
+}
+
+
+def resolver_uses(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of every import of a resolver and every call of one (as ``name(...)`` or
+    ``module.name(...)``) in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found += [(node.lineno, a.name) for a in node.names if a.name in RESOLVERS]
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) \
+                else None
+            if name in RESOLVERS:
+                found.append((node.lineno, name))
+    return sorted(found)
+
+
+def assembly_violations(root: Path) -> list[str]:
+    bad = []
+    for folder in ("rome_edit", "scripts", "benchmarks"):
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            allowed = RESOLVERS_ALLOWED.get(rel, set())
+            bad += [f"{rel}:{line} uses {name}" for line, name in resolver_uses(path)
+                    if name not in allowed]
+    return bad
+
+
+def test_one_assembly_point():
+    bad = assembly_violations(ROOT)
+    assert not bad, ("set up an editing run with rome_edit.Editor (Editor.load / from_model / "
+                     "from_loaded; calibration: editing.session.Session), not the resolvers:\n"
+                     + "\n".join(bad))
+
+
+def test_the_assembly_check_sees_a_direct_call(tmp_path):
+    """The check is not vacuous: a module calling a resolver, however imported, is caught."""
+    (tmp_path / "rome_edit").mkdir()
+    (tmp_path / "rome_edit" / "x.py").write_text(
+        "import rome_edit.editing.session as s\n"
+        "from rome_edit.editing.session import inverse_for\n"
+        "s.context_templates_for(1, 2)\n")
+    assert assembly_violations(tmp_path) == ["rome_edit/x.py:2 uses inverse_for",
+                                             "rome_edit/x.py:3 uses context_templates_for"]

@@ -16,40 +16,34 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rome_edit.distributed import SINGLE, Workers
 from rome_edit.editing.apply import add_rank_one, check_record
 from rome_edit.editing.evaluate import KeptFact
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.protect import ProtectSettings, Solver
+from rome_edit.editing.hparams import ROMEHyperParams, UpdateForm
+from rome_edit.editing.protect import ProtectSettings
 from rome_edit.editing.protected_keys import Protection, build_bank, protect_records
 from rome_edit.editing.record import EditRecord
 from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import SecondMomentInverse, compute_edits
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
+from rome_edit.editing.rome import compute_edits
+from rome_edit.editing.session import Session
 from rome_edit.editing.sweep import run_sweep
 from rome_edit.editing.vector_edit import SubjectKeys
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.identity import check_same_model
-from rome_edit.models.loading import LoadedModel, load_model
+from rome_edit.models.loading import LoadedModel, load_model, wrap_model
 from rome_edit.models.scoring import generate, next_token_logprobs
 from rome_edit.models.subject import fill
 from rome_edit.tracing.average import LocateResult, locate
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from rome_edit.analysis.concept_vector import ConceptVector
     from rome_edit.calibration.run import CalibrationResult
+    from rome_edit.stats.corpus import TextCorpus
     from rome_edit.stats.stability import Stability
 
 log = logging.getLogger(__name__)
-
-
-# layer, mom2_adjustment, mom2_dataset, mom2_n_samples, mom2_dtype, mom2_ridge
-_StatsKey = tuple[int, bool, str, int, str, float]
-
-
-def _stats_key(hp: ROMEHyperParams) -> _StatsKey:
-    """What ``C⁻¹`` depends on: a change of any of these recomputes (or re-reads) it."""
-    return (hp.layer, hp.mom2_adjustment, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_dtype,
-            hp.mom2_ridge)
 
 
 class Applied:
@@ -107,49 +101,80 @@ class Applied:
         return f"<Applied {self.description} at layers {list(self.layers)} ({state})>"
 
 
-class Editor:
-    """A loaded model ready for ROME: ``Editor.load()`` for the bundled toy GPT-J.
+class Editor(Session):
+    """A loaded model ready for ROME: ``Editor.load()`` for the bundled toy GPT-J,
+    ``Editor.from_model(model, tokenizer)`` for a model already in memory.
 
     ``hparams`` (the model's preset, a file, or calibrated), the context templates (sampled
-    from the model with ``seed``, as the reference) and ``C⁻¹`` (the on-disk statistics cache,
-    computed on first use) are the ones ``rome-edit edit``/``sweep`` would use.  ``stats`` is a
-    statistics file, ``corpus`` the text to compute them on (see ``rome-edit stats --corpus``)
-    and ``until_stable`` (:class:`rome_edit.stats.Stability`) stops that computation once ``C⁻¹``
-    no longer moves instead of after ``mom2_n_samples`` documents.
+    from the model with ``seed``, as the reference, or a list or JSON file) and ``C⁻¹`` (the
+    on-disk statistics cache, computed on first use) are the ones ``rome-edit edit``/``sweep``
+    use: the commands are built on the same :class:`rome_edit.editing.session.Session`.
+    ``stats`` is a statistics file, ``corpus`` the text to compute them on (see ``rome-edit
+    stats --corpus``) and ``until_stable`` (:class:`rome_edit.stats.Stability`) stops that
+    computation once ``C⁻¹`` no longer moves instead of after ``mom2_n_samples`` documents.
+    ``hparams``, ``context_templates``, ``inverse``, ``inverse_at(layer)`` and ``solver`` are
+    what the edits are made with.
     """
 
     def __init__(self, lm: LoadedModel, hparams: ROMEHyperParams,
-                 context_templates: Sequence[str] | None = None, *,
-                 stats: str | Path | None = None, corpus: str | None = None,
+                 context_templates: Sequence[str] | str | Path | None = None, *,
+                 stats: str | Path | None = None, corpus: str | TextCorpus | None = None,
                  until_stable: Stability | None = None, seed: int = 0,
-                 progress: bool = True) -> None:
-        self.lm, self.seed, self.progress = lm, seed, progress
-        self._stats, self._corpus, self._until_stable = stats, corpus, until_stable
-        self._templates = list(context_templates) if context_templates is not None else None
-        self._inverse: SecondMomentInverse | None = None
-        self._inverse_key: _StatsKey | None = None
-        self._hparams = hparams
+                 progress: bool = True, cache_dir: str | Path | None = None,
+                 workers: Workers = SINGLE) -> None:
+        super().__init__(lm, hparams, context_templates, stats=stats, corpus=corpus,
+                         until_stable=until_stable, seed=seed, progress=progress,
+                         cache_dir=cache_dir, workers=workers)
         self._stack: list[Applied] = []
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, hparams: str | Path | ROMEHyperParams |
-             None = None, layer: int | None = None, dtype: str = "float32",
-             device: str | None = None, stats: str | Path | None = None,
-             corpus: str | None = None, until_stable: Stability | None = None,
-             context_templates: Sequence[str] | None = None, seed: int = 0,
-             progress: bool = True, **load_options: Any) -> Editor:
+             None = None, layer: int | None = None, update_form: UpdateForm | None = None,
+             prompt: str | None = None, subjects: Sequence[str] = (),
+             dtype: str = "float32", device: str | None = None,
+             stats: str | Path | None = None, corpus: str | TextCorpus | None = None,
+             until_stable: Stability | None = None,
+             context_templates: Sequence[str] | str | Path | None = None, seed: int = 0,
+             progress: bool = True, cache_dir: str | Path | None = None,
+             workers: Workers = SINGLE, **load_options: Any) -> Editor:
         """Load ``model`` (``None``: the bundled toy GPT-J; a hub id or local directory) with
         its hyperparameters: ``hparams`` (a reference-format JSON file or an object), else the
-        model's preset, else the no-preset defaults; ``layer`` overrides the edit layer.
-        ``load_options`` go to :func:`rome_edit.models.loading.load_model`."""
+        model's preset, else the no-preset defaults, whose edit layer is traced on ``prompt``
+        over ``subjects`` when given; ``layer`` and ``update_form`` override.  ``load_options``
+        go to :func:`rome_edit.models.loading.load_model`."""
         lm = load_model(None if model is None else str(model), dtype=dtype, device=device,
                         **load_options)
-        if isinstance(hparams, ROMEHyperParams):
-            hp = hparams.with_layer(layer) if layer is not None else hparams
-        else:
-            hp = default_hparams(lm, hparams, layer)
-        return cls(lm, hp, context_templates, stats=stats, corpus=corpus,
-                   until_stable=until_stable, seed=seed, progress=progress)
+        return cls.from_loaded(lm, hparams=hparams, layer=layer, update_form=update_form,
+                               prompt=prompt, subjects=subjects,
+                               context_templates=context_templates, stats=stats,
+                               corpus=corpus, until_stable=until_stable, seed=seed,
+                               progress=progress, cache_dir=cache_dir, workers=workers)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *,
+                   name: str | None = None, module_templates: dict[str, str] | None = None,
+                   attn_implementation: str | None = None,
+                   hparams: str | Path | ROMEHyperParams | None = None,
+                   layer: int | None = None, update_form: UpdateForm | None = None,
+                   prompt: str | None = None, subjects: Sequence[str] = (),
+                   stats: str | Path | None = None, corpus: str | TextCorpus | None = None,
+                   until_stable: Stability | None = None,
+                   context_templates: Sequence[str] | str | Path | None = None, seed: int = 0,
+                   progress: bool = True, cache_dir: str | Path | None = None,
+                   workers: Workers = SINGLE) -> Editor:
+        """An editor on a Hugging Face causal LM already in memory (e.g. built in a notebook),
+        not reloaded (:func:`rome_edit.models.loading.wrap_model`).  ``name`` (default: the
+        config's ``name_or_path``) names it in records and in the statistics cache;
+        ``module_templates`` are ``--module-template`` parts for an architecture not detected;
+        the other options are :meth:`load`'s."""
+        label = name or getattr(getattr(model, "config", None), "name_or_path", "") or \
+            type(model).__name__
+        lm = wrap_model(model, tokenizer, label, module_templates, attn_implementation)
+        return cls.from_loaded(lm, hparams=hparams, layer=layer, update_form=update_form,
+                               prompt=prompt, subjects=subjects,
+                               context_templates=context_templates, stats=stats,
+                               corpus=corpus, until_stable=until_stable, seed=seed,
+                               progress=progress, cache_dir=cache_dir, workers=workers)
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, model: str | Path | None = None, *,
@@ -170,44 +195,6 @@ class Editor:
         check_same_model(editor.lm, manifest["model_identity"], f"the sweep {sweep_dir}",
                          "pass model= for the model the sweep was recorded on.")
         return editor
-
-    # --- what the edits are made with -------------------------------------------------------
-
-    @property
-    def hparams(self) -> ROMEHyperParams:
-        """The hyperparameters of the next edits (assign to change them)."""
-        return self._hparams
-
-    @hparams.setter
-    def hparams(self, hp: ROMEHyperParams) -> None:
-        self._hparams = hp
-
-    @property
-    def layer(self) -> int:
-        """The edit layer."""
-        return self._hparams.layer
-
-    @property
-    def context_templates(self) -> list[str]:
-        """The context templates ``k*`` averages over (sampled once, then kept)."""
-        if self._templates is None:
-            self._templates = context_templates_for(self.lm, self._hparams, seed=self.seed)
-        return self._templates
-
-    @context_templates.setter
-    def context_templates(self, templates: Sequence[str]) -> None:
-        self._templates = list(templates)
-
-    @property
-    def inverse(self) -> SecondMomentInverse | None:
-        """``C⁻¹`` at the edit layer (None when the hyperparameters turn it off); recomputed
-        or read from the cache when the layer or statistics settings change."""
-        hp = self._hparams
-        if self._inverse_key != _stats_key(hp):
-            self._inverse = inverse_for(self.lm, hp, self._stats, self._corpus,
-                                        progress=self.progress, until_stable=self._until_stable)
-            self._inverse_key = _stats_key(hp)
-        return self._inverse
 
     # --- find where and how to edit ---------------------------------------------------------
 
@@ -259,10 +246,7 @@ class Editor:
                                 self.inverse, progress=self.progress)
         if protection is None:
             return records
-        return protect_records(self.lm, records, protection, self._solver())
-
-    def _solver(self) -> Solver | None:
-        return self.inverse.solver if self.inverse is not None else None
+        return protect_records(self.lm, records, protection, self.solver)
 
     def edit(self, subject: str, prompt: str, target: str, target_true: str | None = None,
              *, protection: Protection | None = None) -> Applied:
@@ -332,13 +316,6 @@ class Editor:
         handle = Applied(self, [vector.layer], f"vector ×{scale:g} on {subjects[:3]}"
                          + ("…" if len(subjects) > 3 else ""))
         return handle._write(lambda: keys.write(g))
-
-    def inverse_at(self, layer: int) -> SecondMomentInverse | None:
-        """``C⁻¹`` at ``layer`` with the editor's statistics settings."""
-        if layer == self.layer:
-            return self.inverse
-        return inverse_for(self.lm, self._hparams.with_layer(layer), self._stats, self._corpus,
-                           progress=self.progress, until_stable=self._until_stable)
 
     # --- reading the model -------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ Steps (each reusing the toolkit's own parts):
    token.
 2. **Grid** (:mod:`rome_edit.calibration.grid`): every layer in a band around that layer ×
    ``clamp_norm_factor`` values × step counts × loss layers.
-3. For each layer, the **statistics** ``C`` once (:func:`rome_edit.editing.session.inverse_for`,
-   cached on disk by :mod:`rome_edit.stats.cache`, shared by all that layer's candidates); for
-   each candidate, all sample edits at once with the **batched engine**
-   (:func:`rome_edit.editing.rome.compute_edits`), scored with
+3. For each layer, the **statistics** ``C`` once (:class:`rome_edit.editing.session.Session`,
+   the assembly point ``Editor`` is built on; cached on disk by :mod:`rome_edit.stats.cache`,
+   shared by all that layer's candidates); for each candidate, all sample edits at once with
+   the **batched engine** (:func:`rome_edit.editing.rome.compute_edits`), scored with
    :func:`rome_edit.editing.evaluate.evaluate_edits` (efficacy, paraphrase, specificity on
    same-last-token and random neighbours, kept facts) and greedy-generation **fluency** on the
    first few requests (ROME's n-gram entropy; the unedited model's is measured once).
@@ -34,22 +34,19 @@ from tqdm.auto import tqdm
 from rome_edit.calibration.choose import Choice, ChoiceRule, choose, counterfact_score
 from rome_edit.calibration.grid import CalibrationGrid, Candidate
 from rome_edit.editing.apply import applied
-from rome_edit.editing.context import sample_context_templates
 from rome_edit.editing.evaluate import KeptFact, evaluate_edits, ngram_entropy, summarize
 from rome_edit.editing.hparams import ROMEHyperParams
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
 from rome_edit.editing.session import (
     BUNDLED_NAME,
-    corpus_spec,
-    inverse_for,
+    Session,
     no_preset_hparams,
     relative_depth_layer,
 )
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import generate
 from rome_edit.models.subject import fill
-from rome_edit.stats.corpus import resolve_corpus
 from rome_edit.stats.stability import Stability
 from rome_edit.tracing.average import LocateResult, locate
 
@@ -222,25 +219,21 @@ def calibrate(
         raise ValueError(f"the grid has no candidate: every loss layer lies below the edit "
                          f"layers {layers}; include the last layer (-1) in the loss layers.")
     base = base or base_hparams(lm, traced)
-    templates = list(context_templates) if context_templates is not None else \
-        sample_context_templates(lm, base.context_template_length_params, seed=seed)
+    # One session for every candidate: the templates are sampled once and shared, and its
+    # corpus is resolved once, so a sampled corpus is sampled once and every layer reads it.
+    session = Session(lm, base, context_templates, corpus=corpus, until_stable=until_stable,
+                      seed=seed, progress=progress, cache_dir=cache_dir)
+    templates = session.context_templates
     log.info("calibrating %d candidates on %d edits (layers %s, traced layer %d)",
              len(candidates), len(requests), layers, traced)
-    # One corpus object for every layer: a sampled corpus is then sampled once.
-    text_corpus = resolve_corpus(corpus or corpus_spec(base), lm=lm) \
-        if base.mom2_adjustment else None
     texts = [fill(r.prompt, r.subject) for r in requests[:n_fluency]]
     before = _fluency(lm, texts)
     fluency_before = sum(before) / len(before) if before else None
     rows: list[dict] = []
-    inverse_layer, inverse = None, None
     bar = tqdm(candidates, desc="calibrate", unit="candidate", disable=not progress)
     for cand in bar:
-        hp = cand.apply(base)
-        if inverse_layer != cand.layer:  # C once per layer (and from the disk cache after)
-            inverse = inverse_for(lm, hp, corpus=text_corpus, cache_dir=cache_dir,
-                                  progress=progress, until_stable=until_stable)
-            inverse_layer = cand.layer
+        session.hparams = hp = cand.apply(base)
+        inverse = session.inverse  # C once per layer (and from the disk cache after)
         bar.set_postfix(layer=cand.layer, clamp=cand.clamp_norm_factor,
                         steps=cand.v_num_grad_steps)
         start = time.perf_counter()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from rome_edit.analysis.concept_vector import load_concept_vector
 from rome_edit.api.analyze import AnalysisSettings
+from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.cli.protect_args import add_protect_args, protection_from_args
 from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, MANY_FORMS, write_edits
 from rome_edit.editing.persist import load_targets, save_edited
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.editing.vector_edit import VectorApplier
 from rome_edit.models.identity import check_same_model
 from rome_edit.study.demo import run_demo
@@ -100,11 +100,11 @@ def _context_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
 
 
-def _editing_context(lm, layer: int, args: argparse.Namespace):
-    """The context templates and C⁻¹ the sweep used (same presets, seed and cache)."""
-    hp = default_hparams(lm, args.hparams, layer=layer)
-    return (context_templates_for(lm, hp, args.context_templates, seed=args.seed),
-            inverse_for(lm, hp, args.stats))
+def _editor(lm, layer: int, args: argparse.Namespace) -> Editor:
+    """The editor the sweep used at ``layer``: same presets, template seed and statistics."""
+    return Editor.from_loaded(lm, hparams=args.hparams, layer=layer,
+                              context_templates=args.context_templates, seed=args.seed,
+                              stats=args.stats)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -114,7 +114,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     else:
         lm = model_from_args(args)
         summary = json.loads((args.sweep_dir / "summary.json").read_text())
-        templates, inverse = _editing_context(lm, int(summary["layer"]), args)
+        ed = _editor(lm, int(summary["layer"]), args)
+        templates, inverse = ed.context_templates, ed.inverse
         heldout = load_names(args.heldout) if args.heldout else load_names(split="heldout")
         result = analyze_gender(args.sweep_dir, args.out, lm, heldout, templates, inverse,
                                 settings)
@@ -155,8 +156,8 @@ def run_apply(args: argparse.Namespace) -> int:
     scale, why = ((args.scale, "--scale") if args.scale is not None
                   else default_scale(args.vector, gv))
     print(f"scale {scale:.4g} ({why})")
-    templates, inverse = _editing_context(lm, layer, args)
-    solver = inverse.solver if inverse is not None else None
+    ed = _editor(lm, layer, args)
+    templates, inverse, solver = ed.context_templates, ed.inverse, ed.solver
     if choice is not None:
         args.protect = choice.protect or "none"
     protection = protection_from_args(args, lm, layer, EDIT_PROMPT,
@@ -213,15 +214,12 @@ def _persist_vector(lm, args, names, vector, layer, templates, solver, protectio
 def _persist_records(lm, args, choice) -> int:
     print(choice.line())
     targets = load_targets(args.records, lm)
-    hp = default_hparams(lm, args.hparams, layer=targets.layer)
-    templates = context_templates_for(lm, hp, args.context_templates, seed=args.seed)
-    inverse = inverse_for(lm, hp, args.stats)
+    ed = _editor(lm, targets.layer, args)
+    templates, solver = ed.context_templates, ed.solver
     protection = protection_from_args(args, lm, targets.layer, targets.prompt,
                                       [e.name for e in load_names()], templates)
     base = lm.identity
-    result = write_edits(lm, targets, choice.form,
-                         inverse.solver if inverse is not None else None, protection,
-                         args.mom2_weight)
+    result = write_edits(lm, targets, choice.form, solver, protection, args.mom2_weight)
     save_edited(lm, args.out, targets, base,
                 {**result.to_dict(), "records": [str(p) for p in args.records]})
     print(json.dumps(result.to_dict(), indent=1))

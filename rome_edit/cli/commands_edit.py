@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.cli.protect_args import add_protect_args, protection_from_args
 from rome_edit.distributed import SINGLE, Workers, data_parallel
@@ -16,7 +17,6 @@ from rome_edit.editing.evaluate import generations
 from rome_edit.editing.protected_keys import protect_records
 from rome_edit.editing.request import EditRequest
 from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
 from rome_edit.study.names import load_names
@@ -63,16 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _setup(args, workers: Workers = SINGLE, prompt: str | None = None,
            subjects: Sequence[str] = ()):
-    """Model, hyperparameters, templates and ``C⁻¹``; ``prompt``/``subjects`` are traced for
-    the edit layer of a model without a preset (:func:`default_hparams`)."""
-    lm = model_from_args(args, workers.device)
-    hp = default_hparams(lm, args.hparams, args.layer, args.update, prompt=prompt,
-                         subjects=subjects)
-    # Sampled templates could differ between devices; every process uses the main one's.
-    templates = workers.broadcast(context_templates_for(lm, hp, args.context_templates,
-                                                        args.seed))
-    inverse = inverse_for(lm, hp, args.stats, args.corpus, workers=workers)
-    return lm, hp, templates, inverse
+    """The :class:`Editor` the arguments describe, its templates and ``C⁻¹`` resolved now (in
+    this order, on every data-parallel process); ``prompt``/``subjects`` are traced for the
+    edit layer of a model without a preset."""
+    ed = Editor.from_loaded(model_from_args(args, workers.device), hparams=args.hparams,
+                            layer=args.layer, update_form=args.update, prompt=prompt,
+                            subjects=subjects, context_templates=args.context_templates,
+                            seed=args.seed, stats=args.stats, corpus=args.corpus,
+                            workers=workers)
+    _ = ed.context_templates, ed.inverse  # templates (broadcast) first, as every process must
+    return ed
 
 
 def update_line(update_form: str, asked_update: str | None, protect: str | None) -> str:
@@ -91,7 +91,8 @@ def update_line(update_form: str, asked_update: str | None, protect: str | None)
 
 def run_edit(args: argparse.Namespace) -> int:
     request = EditRequest(args.subject, args.prompt, args.target)
-    lm, hp, templates, inverse = _setup(args, prompt=args.prompt, subjects=[args.subject])
+    ed = _setup(args, prompt=args.prompt, subjects=[args.subject])
+    lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
     print(update_line(hp.update_form, args.update, args.protect))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
@@ -100,8 +101,7 @@ def run_edit(args: argparse.Namespace) -> int:
     protection = protection_from_args(args, lm, hp.layer, args.prompt,
                                       [e.name for e in load_names()], templates)
     if protection is not None:
-        (record,) = protect_records(lm, [record], protection,
-                                    inverse.solver if inverse is not None else None)
+        (record,) = protect_records(lm, [record], protection, ed.solver)
     gens = generations(lm, record)
     with applied(lm, [record]):
         p_after = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
@@ -131,8 +131,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     neighbours = load_names(args.names) if args.names else load_names()
     with data_parallel() as workers:
-        lm, hp, templates, inverse = _setup(args, workers, prompt=EDIT_PROMPT,
-                                            subjects=[e.name for e in names])
+        ed = _setup(args, workers, prompt=EDIT_PROMPT, subjects=[e.name for e in names])
+        lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
         if workers.is_main:
             print(update_line(hp.update_form, args.update, args.protect), flush=True)
         protection = protection_from_args(args, lm, hp.layer, EDIT_PROMPT,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.editing.forensics import (
     changed_layers,
@@ -18,7 +19,6 @@ from rome_edit.editing.forensics import (
 )
 from rome_edit.editing.persist import MANIFEST, load_persisted
 from rome_edit.editing.protected_keys import read_names_file
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.models.loading import load_model
 from rome_edit.storage import atomic_save_tensors
 from rome_edit.study.names import load_names
@@ -75,11 +75,11 @@ def run_forensics(args: argparse.Namespace) -> int:
                     "layers": [c.to_dict() for c in changes], "edits": []}
     found_all, tensors = [], {}
     for change in changes:
-        hp = default_hparams(original, args.hparams, layer=change.layer)
-        templates = context_templates_for(original, hp, args.context_templates, args.seed)
-        inverse = inverse_for(original, hp, args.stats)
-        found = identify_edits(edited, original, change, candidates, prompt, templates,
-                               inverse.solver if inverse is not None else None, args.n_edits)
+        ed = Editor.from_loaded(original, hparams=args.hparams, layer=change.layer,
+                                context_templates=args.context_templates, seed=args.seed,
+                                stats=args.stats)
+        found = identify_edits(edited, original, change, candidates, prompt,
+                               ed.context_templates, ed.solver, args.n_edits)
         found_all += found
         report["edits"] += [f.to_dict() for f in found]
         for name in ("u", "lam", "delta"):

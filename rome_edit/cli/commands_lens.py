@@ -14,11 +14,11 @@ import torch
 
 from rome_edit.analysis.concept_vector import load_concept_vector
 from rome_edit.analysis.neuron_overlap import key_preimage, rank_agreement, top_k_overlap
+from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.editing.apply import applied, check_record
 from rome_edit.editing.key import key_star
 from rome_edit.editing.record import EditRecord
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
 from rome_edit.editing.vector_edit import SubjectKeys
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.identity import check_same_model
@@ -91,15 +91,22 @@ def _load_record(lm: LoadedModel, path: Path) -> EditRecord:
     return record
 
 
+def _editor(lm: LoadedModel, args: argparse.Namespace, layer: int) -> Editor:
+    """The editor at ``layer`` the arguments describe (templates sampled with
+    ``--template-seed``)."""
+    return Editor.from_loaded(lm, hparams=args.hparams, layer=layer,
+                              context_templates=args.context_templates,
+                              seed=args.template_seed, stats=args.stats)
+
+
 def _vector_edit(lm: LoadedModel, args: argparse.Namespace, prompt: str, subject: str):
     """The context manager writing ``scale·g`` at ``subject`` (reference-form rank-one)."""
     cv = load_concept_vector(args.vector, expected_width=lm.model.config.hidden_size)
     check_same_model(lm, cv.model_identity, str(args.vector),
                      "pass --model for the model the vector came from.")
-    hp = default_hparams(lm, args.hparams, layer=cv.layer)
-    templates = context_templates_for(lm, hp, args.context_templates, seed=args.template_seed)
-    keys = SubjectKeys(lm, cv.layer, [subject], as_template(prompt, subject), templates,
-                       inverse_for(lm, hp, args.stats))
+    ed = _editor(lm, args, cv.layer)
+    keys = SubjectKeys(lm, cv.layer, [subject], as_template(prompt, subject),
+                       ed.context_templates, ed.inverse)
     return keys.written(cv.vector * args.scale), cv
 
 
@@ -167,7 +174,8 @@ def run_neurons(args: argparse.Namespace) -> int:
     template = as_template(args.prompt, args.subject)
     record = _load_record(lm, args.edit) if args.edit is not None else None
     edit_layer = (args.edit_layer if args.edit_layer is not None else
-                  record.layer if record is not None else default_hparams(lm, args.hparams).layer)
+                  record.layer if record is not None else
+                  Editor.from_loaded(lm, hparams=args.hparams).layer)
     vector_ctx = None
     if args.vector is not None:
         vector_ctx = load_concept_vector(args.vector, expected_width=lm.model.config.hidden_size)
@@ -222,11 +230,9 @@ def _edit_relation(lm, args, result, template, record, vector, layer, k) -> dict
     if record is not None:
         directions["u = C^-1 k* (record)"] = record.u
     else:
-        hp = default_hparams(lm, args.hparams, layer=layer)
-        templates = context_templates_for(lm, hp, args.context_templates,
-                                          seed=args.template_seed)
-        k_star = key_star(lm, layer, template, args.subject, templates)
-        inverse = inverse_for(lm, hp, args.stats)
+        ed = _editor(lm, args, layer)
+        k_star = key_star(lm, layer, template, args.subject, ed.context_templates)
+        inverse = ed.inverse
         directions["u = C^-1 k*" if inverse is not None else "k* (no mom2)"] = (
             inverse.solver.solve(k_star) if inverse is not None else k_star)
     if vector is not None:

@@ -21,9 +21,9 @@ from rome_edit.analysis.mlp_polynomial import (
     random_abs_cosine,
     top_singular_directions,
 )
+from rome_edit.api.editor import Editor
 from rome_edit.api.linearize import linearize_mlp
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.editing.session import default_hparams
 from rome_edit.stats.corpus import resolve_corpus
 from rome_edit.stats.mlp_io import ACTIVATION_MODES
 from rome_edit.tracing.lens_plots import layer_token_heatmap
@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_linearize(args: argparse.Namespace) -> int:
     lm = model_from_args(args)
-    layer = args.layer if args.layer is not None else default_hparams(lm, args.hparams).layer
+    layer = args.layer if args.layer is not None else \
+        Editor.from_loaded(lm, hparams=args.hparams).layer
     if not 0 <= layer < lm.n_layers:
         raise ValueError(f"--layer {layer} is out of range (0..{lm.n_layers - 1}).")
     if args.documents < 2 or args.top < 1:

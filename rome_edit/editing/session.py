@@ -16,6 +16,13 @@ optimisation values (clamp, steps, learning rate, KL, context templates) with
 
 A logged warning says which defaults were taken and suggests ``rome-edit calibrate``, which
 measures edits per layer, clamp and step count and writes a tuned hparams file.
+
+:class:`Session` is the one place that turns (model, hyperparameters, templates, statistics)
+into a ready editing run; :class:`rome_edit.Editor` is built on it, and every command, the
+study, calibration, scripts and benchmarks go through one of the two.  The resolvers below
+(:func:`default_hparams`, :func:`context_templates_for`, :func:`inverse_for`) are its parts and
+are called from nowhere else (``tests/test_architecture.py`` checks this), so a change to how a
+run is set up lands once.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from rome_edit.distributed import SINGLE, Workers
 from rome_edit.editing.context import load_context_templates, sample_context_templates
-from rome_edit.editing.hparams import MODULE_KEYS, ROMEHyperParams
-from rome_edit.editing.rome import SecondMomentInverse
+from rome_edit.editing.hparams import MODULE_KEYS, ROMEHyperParams, UpdateForm
+from rome_edit.editing.rome import SecondMomentInverse, Solver
 from rome_edit.models.architectures import mlp_widths
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import next_token_logprobs
@@ -178,3 +186,147 @@ def inverse_for(
                   "n_documents": stats.n_documents, "n_tokens": stats.n_tokens,
                   "dtype": stats.dtype, "ridge": hp.mom2_ridge, "path": str(path)}
     return SecondMomentInverse(stats.inverse(hp.mom2_ridge), provenance)
+
+
+# layer, mom2_adjustment, mom2_dataset, mom2_n_samples, mom2_dtype, mom2_ridge
+_StatsKey = tuple[int, bool, str, int, str, float]
+
+
+def _stats_key(hp: ROMEHyperParams) -> _StatsKey:
+    """What ``C⁻¹`` depends on: a change of any of these recomputes (or re-reads) it."""
+    return (hp.layer, hp.mom2_adjustment, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_dtype,
+            hp.mom2_ridge)
+
+
+def resolve_hparams(lm: LoadedModel, hparams: str | Path | ROMEHyperParams | None = None,
+                    layer: int | None = None,
+                    update_form: UpdateForm | None = None, *,
+                    prompt: str | None = None, subjects: Sequence[str] = ()
+                    ) -> ROMEHyperParams:
+    """An object as given (with ``layer``/``update_form`` overrides), else
+    :func:`default_hparams` (a file, the preset, or the no-preset defaults)."""
+    if not isinstance(hparams, ROMEHyperParams):
+        return default_hparams(lm, hparams, layer, update_form, prompt=prompt, subjects=subjects)
+    hp = hparams.with_layer(layer) if layer is not None else hparams
+    return replace(hp, update_form=update_form) if update_form is not None else hp
+
+
+_S = TypeVar("_S", bound="Session")
+
+
+class Session:
+    """A model with everything a ROME edit run needs: hyperparameters, context templates and
+    ``C⁻¹`` — the toolkit's one assembly point (module docstring).
+
+    ``context_templates``: a list, a JSON file of templates, or ``None`` to sample them from
+    the model with ``seed`` on first use (the reference's way); with ``workers`` every
+    data-parallel process takes the main process's.  ``stats`` is a statistics file; otherwise
+    ``C⁻¹`` comes from the on-disk cache (``cache_dir``), computed on a miss on ``corpus`` (a
+    spec such as ``--corpus``, or a resolved :class:`TextCorpus`; default: the hparams'
+    ``mom2_dataset``), ``until_stable`` stopping that computation once ``C⁻¹`` settles.  A
+    corpus spec is resolved once per session, so every layer reads the same text (a sampled
+    corpus is sampled once).
+    """
+
+    def __init__(self, lm: LoadedModel, hparams: ROMEHyperParams,
+                 context_templates: Sequence[str] | str | Path | None = None, *,
+                 stats: str | Path | None = None, corpus: str | TextCorpus | None = None,
+                 until_stable: Stability | None = None, seed: int = 0, progress: bool = True,
+                 cache_dir: str | Path | None = None, workers: Workers = SINGLE) -> None:
+        self.lm, self.seed, self.progress = lm, seed, progress
+        self._stats, self._corpus, self._until_stable = stats, corpus, until_stable
+        self._cache_dir, self._workers = cache_dir, workers
+        self._templates_file: str | Path | None = None
+        self._templates: list[str] | None = None
+        if isinstance(context_templates, (str, Path)):
+            self._templates_file = context_templates
+        elif context_templates is not None:
+            self._templates = list(context_templates)
+        self._hparams = hparams
+        self._inverse: SecondMomentInverse | None = None
+        self._inverse_key: _StatsKey | None = None
+        self._corpora: dict[str, TextCorpus] = {}
+
+    @classmethod
+    def from_loaded(cls: type[_S], lm: LoadedModel, *,
+                    hparams: str | Path | ROMEHyperParams | None = None,
+                    layer: int | None = None,
+                    update_form: UpdateForm | None = None,
+                    prompt: str | None = None, subjects: Sequence[str] = (),
+                    context_templates: Sequence[str] | str | Path | None = None,
+                    stats: str | Path | None = None, corpus: str | TextCorpus | None = None,
+                    until_stable: Stability | None = None, seed: int = 0,
+                    progress: bool = True, cache_dir: str | Path | None = None,
+                    workers: Workers = SINGLE) -> _S:
+        """A session on an already loaded model.  ``hparams``: an object, a reference-format
+        JSON file, else the model's preset, else the no-preset defaults (edit layer traced on
+        ``prompt`` over ``subjects`` when given); ``layer``/``update_form`` override."""
+        hp = resolve_hparams(lm, hparams, layer, update_form, prompt=prompt, subjects=subjects)
+        return cls(lm, hp, context_templates, stats=stats, corpus=corpus,
+                   until_stable=until_stable, seed=seed, progress=progress,
+                   cache_dir=cache_dir, workers=workers)
+
+    @property
+    def hparams(self) -> ROMEHyperParams:
+        """The hyperparameters of the next edits (assign to change them)."""
+        return self._hparams
+
+    @hparams.setter
+    def hparams(self, hp: ROMEHyperParams) -> None:
+        self._hparams = hp
+
+    @property
+    def layer(self) -> int:
+        """The edit layer."""
+        return self._hparams.layer
+
+    @property
+    def context_templates(self) -> list[str]:
+        """The context templates ``k*`` averages over (read or sampled once, then kept)."""
+        if self._templates is None:
+            # Sampled templates could differ between devices; every process uses the main one's.
+            self._templates = self._workers.broadcast(context_templates_for(
+                self.lm, self._hparams, self._templates_file, seed=self.seed))
+        return self._templates
+
+    @context_templates.setter
+    def context_templates(self, templates: Sequence[str]) -> None:
+        self._templates = list(templates)
+
+    @property
+    def inverse(self) -> SecondMomentInverse | None:
+        """``C⁻¹`` at the edit layer (None when the hyperparameters turn it off); recomputed
+        or read from the cache when the layer or statistics settings change."""
+        hp = self._hparams
+        if self._inverse_key != _stats_key(hp):
+            self._inverse = None  # free the old one before computing the next
+            self._inverse = self._inverse_of(hp)
+            self._inverse_key = _stats_key(hp)
+        return self._inverse
+
+    @property
+    def solver(self) -> Solver | None:
+        """``C⁻¹``'s solver at the edit layer (None without statistics: plain least squares)."""
+        inverse = self.inverse
+        return inverse.solver if inverse is not None else None
+
+    def inverse_at(self, layer: int) -> SecondMomentInverse | None:
+        """``C⁻¹`` at ``layer`` with the session's statistics settings (kept only for the
+        edit layer: one inverse is ``d_mlp²`` numbers)."""
+        if layer == self.layer:
+            return self.inverse
+        return self._inverse_of(self._hparams.with_layer(layer))
+
+    def _inverse_of(self, hp: ROMEHyperParams) -> SecondMomentInverse | None:
+        corpus = self._text_corpus(hp) if hp.mom2_adjustment and self._stats is None else None
+        return inverse_for(self.lm, hp, self._stats, corpus, cache_dir=self._cache_dir,
+                           progress=self.progress, workers=self._workers,
+                           until_stable=self._until_stable)
+
+    def _text_corpus(self, hp: ROMEHyperParams) -> TextCorpus:
+        if isinstance(self._corpus, TextCorpus):
+            return self._corpus
+        spec = self._corpus or corpus_spec(hp)
+        if spec not in self._corpora:  # one object per spec: a sampled corpus sampled once
+            self._corpora[spec] = resolve_corpus(spec, lm=self.lm)
+        return self._corpora[spec]

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.api.analyze import AnalysisSettings
-from rome_edit.editing.session import context_templates_for, default_hparams, inverse_for
+from rome_edit.api.editor import Editor
 from rome_edit.editing.sweep import FLUENCY_TOKENS
 from rome_edit.models.loading import load_model
 from rome_edit.models.subject import fill
@@ -53,11 +53,10 @@ def run_demo(out_dir: str | Path, quick: bool = False, model: str | None = None,
     seconds["locate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    hp = default_hparams(lm, layer=located.recommended_layer)
+    ed = Editor.from_loaded(lm, layer=located.recommended_layer, seed=seed, progress=progress)
     if sizes["mom2_n_samples"]:
-        hp = replace(hp, mom2_n_samples=sizes["mom2_n_samples"])
-    templates = context_templates_for(lm, hp, seed=seed)
-    inverse = inverse_for(lm, hp, progress=progress)
+        ed.hparams = replace(ed.hparams, mom2_n_samples=sizes["mom2_n_samples"])
+    hp, templates, inverse = ed.hparams, ed.context_templates, ed.inverse
     seconds["stats_and_templates"] = time.perf_counter() - t
 
     t = time.perf_counter()
