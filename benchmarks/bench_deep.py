@@ -14,16 +14,14 @@ at a width this machine can run (random weights, built in memory):
 * ``llama``: Llama blocks (RMSNorm, SwiGLU, rotary), eager attention; no kernel, the generic
   path only.
 
-Sides: ``simple`` is the reference's way (one request at a time, every step a full forward over
-all 22 prompts, :mod:`rome_edit.editing.value`); the batched sides take all ``--n`` requests in
-one chunk.  The simple side's time per edit does not depend on how many requests there are, so
-it runs the first ``--n-simple`` of them (to keep the run short) and its δ are compared with the
-batched sides' δ of the same requests.  Both sides use the reference's 21 context templates
-(sampled from the bundled model) and a fixed number of steps (``early_stop_loss=0``: a random
-model never reaches the threshold).  Sides alternate for ``--rounds`` rounds, order reversed
-each round; reported: median seconds per edit per side, the ratios, the largest relative δ
-difference.
-"""
+Sides: ``simple`` is the reference's way (one request at a time, every step a full forward over all
+22 prompts, :mod:`rome_edit.rome.value_reference`); the batched sides take all ``--n`` requests in
+one chunk. The simple side's time per edit does not depend on how many requests there are, so it
+runs the first ``--n-simple`` of them (to keep the run short) and its δ are compared with the
+batched sides' δ of the same requests. Both sides use the reference's 21 context templates (sampled
+from the bundled model) and a fixed number of steps (``early_stop_loss=0``: a random model never
+reaches the threshold). Sides alternate for ``--rounds`` rounds, order reversed each round;
+reported: median seconds per edit per side, the ratios, the largest relative δ difference. """
 
 from __future__ import annotations
 
@@ -38,8 +36,8 @@ import torch
 from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.rome import compute_edits
 from rome_edit.models.loading import wrap_model
+from rome_edit.rome.compute import compute_edits
 from rome_edit.study.names import balanced_names, load_names
 from rome_edit.study.task import gender_requests
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.evaluate import evaluate_edits, summarize
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
+from rome_edit.evaluation.evaluate import evaluate_edits, summarize
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.request import EditRequest
 from rome_edit.study.names import load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 

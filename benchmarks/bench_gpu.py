@@ -12,7 +12,7 @@ preset's edit layer 5, loss layer 27, 21 context templates and 20 steps held fix
 1. the batched engine's seconds per edit for chunks of 8, 16, 32 and 64 names, and the time
    1,000 edits would take at 64 (value optimisation, keys and update; the statistics are
    item 3); peak GPU memory per chunk (``torch.cuda.max_memory_allocated``) next to
-   :func:`rome_edit.editing.memory.estimate_edit_memory` for the same chunk;
+   :func:`rome_edit.assembly.memory.estimate_edit_memory` for the same chunk;
 2. the reference's way (``simple``: one edit at a time, a full forward per step) on a few
    names, for the ratio on this device;
 3. statistics throughput: keys accumulated per second by
@@ -35,10 +35,10 @@ import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.memory import GIB, estimate_edit_memory, meta_model
-from rome_edit.editing.rome import compute_edits
+from rome_edit.assembly.memory import GIB, estimate_edit_memory, meta_model
 from rome_edit.models.loading import load_model, wrap_model
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.stats.corpus import TextCorpus, bundled_corpus
 from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.stats.second_moment import compute_second_moment

@@ -32,10 +32,10 @@ import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
 from rome_edit.models.loading import wrap_model
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.study.names import load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 

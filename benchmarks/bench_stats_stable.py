@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.key import keys_and_values
-from rome_edit.editing.rome import SecondMomentInverse
+from rome_edit.rome.compute import SecondMomentInverse
+from rome_edit.rome.key import keys_and_values
 from rome_edit.stats.corpus import bundled_corpus
 from rome_edit.stats.second_moment import compute_second_moment
 from rome_edit.stats.stability import Stability, StabilityMonitor

@@ -5,7 +5,7 @@
 Builds a random GPT-J-shaped model (float32, CPU), runs one warm-up edit, resets the process's
 peak resident set (``/proc/self/clear_refs``, Linux), runs ``compute_edits`` on ``--chunk``
 names with 21 context templates and prints the peak RSS growth next to
-:func:`rome_edit.editing.memory.estimate_edit_memory` for the same shapes.  The estimate is
+:func:`rome_edit.assembly.memory.estimate_edit_memory` for the same shapes.  The estimate is
 what sizes GPT-J-6B runs (docs/scaling.md); this script is how it was checked.
 """
 
@@ -18,12 +18,12 @@ import json
 import torch
 from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.memory import estimate_edit_memory
-from rome_edit.editing.prefix_pass import PromptBatch
-from rome_edit.editing.request import EditRequest, rewriting_layouts
-from rome_edit.editing.rome import compute_edits
+from rome_edit.assembly.memory import estimate_edit_memory
 from rome_edit.models.loading import bundled_model_path, wrap_model
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.prefix_pass import PromptBatch
+from rome_edit.rome.request import EditRequest, rewriting_layouts
 
 NAMES = ["Brittany", "Christopher", "Margaret", "Robert", "Jennifer", "Michael", "Elizabeth",
          "William", "Ani", "David", "Anna", "Tom", "Lucy", "Peter", "Sarah", "James"]

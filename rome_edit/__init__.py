@@ -16,9 +16,10 @@ The Python API in a few names (imported on first use, so ``import rome_edit`` st
 
 ``rome_edit.__version__`` (also ``rome-edit --version``) names the release.
 
-Layers (data flows one way): ``models`` → ``tracing`` → ``stats`` → ``editing`` →
-``analysis`` (no model imports) → ``api`` / ``calibration`` / ``study`` (the gender study) →
-``cli``.
+Rooms (data flows one way; docs/architecture.md): ``models`` → ``tracing`` → ``stats`` →
+``rome`` (the engine) → ``weights`` → ``forms`` → ``evaluation``, beside them ``inspection``,
+``linearisation``, ``forensics``, ``assembly``, ``calibration``; ``analysis`` imports no model;
+``api`` joins them; the gender study (``study``) and the CLI (``cli``) sit on top.
 """
 
 from __future__ import annotations
@@ -26,23 +27,26 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from rome_edit._moved import install as _install_moved_paths
 from rome_edit._version import __version__ as __version__  # one line: import stays cheap
+
+_install_moved_paths()  # pre-0.3 module paths (rome_edit.editing.*) import, with a warning
 
 # public name → module that defines it
 _EXPORTS = {
     "Editor": "rome_edit.api.editor",
     "Applied": "rome_edit.api.editor",
-    "EditRequest": "rome_edit.editing.request",
-    "Paraphrase": "rome_edit.editing.request",
-    "EditRecord": "rome_edit.editing.record",
-    "KeptFact": "rome_edit.editing.evaluate",
-    "ROMEHyperParams": "rome_edit.editing.hparams",
+    "EditRequest": "rome_edit.rome.request",
+    "Paraphrase": "rome_edit.rome.request",
+    "EditRecord": "rome_edit.rome.record",
+    "KeptFact": "rome_edit.evaluation.evaluate",
+    "ROMEHyperParams": "rome_edit.rome.hparams",
     "DeltaSet": "rome_edit.analysis.deltas",
     "ConceptVector": "rome_edit.analysis.concept_vector",
     "load_concept_vector": "rome_edit.analysis.concept_vector",
     "save_concept_vector": "rome_edit.analysis.concept_vector",
-    "BinaryTask": "rome_edit.editing.vector_edit",
-    "VectorApplier": "rome_edit.editing.vector_edit",
+    "BinaryTask": "rome_edit.evaluation.vectors",
+    "VectorApplier": "rome_edit.evaluation.vectors",
     "AnalysisSettings": "rome_edit.api.analyze",
     "HeldOut": "rome_edit.api.analyze",
     "analyze": "rome_edit.api.analyze",
@@ -78,12 +82,12 @@ if TYPE_CHECKING:
     from rome_edit.analysis.deltas import DeltaSet
     from rome_edit.api.analyze import AnalysisSettings, HeldOut, analyze
     from rome_edit.api.editor import Applied, Editor
-    from rome_edit.editing.evaluate import KeptFact
-    from rome_edit.editing.hparams import ROMEHyperParams
-    from rome_edit.editing.record import EditRecord
-    from rome_edit.editing.request import EditRequest, Paraphrase
-    from rome_edit.editing.vector_edit import BinaryTask, VectorApplier
+    from rome_edit.evaluation.evaluate import KeptFact
+    from rome_edit.evaluation.vectors import BinaryTask, VectorApplier
     from rome_edit.models.loading import load_model
+    from rome_edit.rome.hparams import ROMEHyperParams
+    from rome_edit.rome.record import EditRecord
+    from rome_edit.rome.request import EditRequest, Paraphrase
 
 
 def __getattr__(name: str) -> Any:

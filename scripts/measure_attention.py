@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.request import EditRequest
 from rome_edit.study.names import load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, other_gender
 from rome_edit.tracing.noise import resolve_noise

@@ -31,17 +31,16 @@ from matplotlib.figure import Figure
 
 from rome_edit.analysis.concept_vector import load_concept_vector
 from rome_edit.api.editor import Editor
-from rome_edit.editing.apply import preserved
-from rome_edit.editing.evaluate import evaluate_edits, summarize
-from rome_edit.editing.fitted_write import fit_vector_write, write_fitted
-from rome_edit.editing.forensics import changed_layers, compare_with_targets, identify_edits
-from rome_edit.editing.key import keys_and_values
-from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, vector_targets, write_edits
-from rome_edit.editing.persist import load_persisted, load_targets
-from rome_edit.editing.protect import ProtectedDirections, ProtectSettings, second_moment_matrix
-from rome_edit.editing.protected_keys import Protection, build_bank, layer_output, protect_records
-from rome_edit.editing.record import EditRecord
+from rome_edit.evaluation.evaluate import evaluate_edits, summarize
+from rome_edit.forensics.detect import changed_layers, compare_with_targets, identify_edits
+from rome_edit.forms.fitted_write import fit_vector_write, write_fitted
+from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, vector_targets, write_edits
+from rome_edit.forms.protect import ProtectedDirections, ProtectSettings, second_moment_matrix
+from rome_edit.forms.protected_keys import Protection, build_bank, protect_records
+from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import load_model
+from rome_edit.rome.key import keys_and_values
+from rome_edit.rome.record import EditRecord
 from rome_edit.study.edited_model import model_state, score_model
 from rome_edit.study.names import load_names
 from rome_edit.study.persisted import default_scale, persist_vector, score_persisted
@@ -53,6 +52,8 @@ from rome_edit.study.task import (
     gender_request,
     other_gender,
 )
+from rome_edit.weights.persist import load_persisted, load_targets
+from rome_edit.weights.write import preserved
 
 OUT = Path("docs/beyond-rome")
 SWEEP = Path("vectors/bundled-sweep")

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from rome_edit.api.editor import Editor
-from rome_edit.editing.evaluate import last_tokens, neighbours
-from rome_edit.editing.key import key_stars, keys_and_values
+from rome_edit.evaluation.evaluate import neighbours
 from rome_edit.models.loading import load_model
+from rome_edit.models.subject import last_tokens
+from rome_edit.rome.key import key_stars, keys_and_values
 from rome_edit.study.names import load_names
 from rome_edit.study.task import EDIT_PROMPT
 

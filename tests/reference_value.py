@@ -1,7 +1,7 @@
 """A literal transcription of the reference's value optimisation, kept as test ground truth.
 
 It uses torch.optim.Adam, ``F.kl_div`` and a full forward per step exactly as the reference's
-``compute_v`` does, independently of :mod:`rome_edit.editing.value_loop`, so the shared loop's own
+``compute_v`` does, independently of :mod:`rome_edit.rome.value_loop`, so the shared loop's own
 Adam, KL and early stop are checked against it (``test_editing.py``).
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rome_edit.editing.request import rewriting_layouts
-from rome_edit.editing.value import loss_layer_of
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.layers import logits_at_layer
 from rome_edit.models.scoring import pad_id, right_pad
+from rome_edit.rome.request import rewriting_layouts
+from rome_edit.rome.value_reference import loss_layer_of
 
 
 def reference_value(lm, request, hp, context_templates):

@@ -25,7 +25,7 @@ from rome_edit import (
     ROMEHyperParams,
     VectorApplier,
 )
-from rome_edit.editing.hparams import ROMEHyperParams as HP
+from rome_edit.rome.hparams import ROMEHyperParams as HP
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = ["{}", "The weather was cold. {}"]
@@ -89,8 +89,8 @@ def test_edit_handle_reverts_bit_identically_and_in_order(tiny_gptj):
 
 
 def test_protected_edit_through_the_editor(tiny_gptj):
-    from rome_edit.editing.protect import ProtectSettings
-    from rome_edit.editing.protected_keys import layer_output
+    from rome_edit.forms.protect import ProtectSettings
+    from rome_edit.models.layers import layer_output
 
     lm = tiny_gptj
     ed = tiny_editor(lm)
@@ -131,7 +131,7 @@ def test_locate_and_calibrate_choose_the_editors_settings(tiny_gptj):
 
 
 def test_inverse_is_computed_once_per_statistics_setting(tiny_gptj, monkeypatch):
-    import rome_edit.editing.session as session_mod
+    import rome_edit.assembly.session as session_mod
     from rome_edit.stats import Stability
 
     calls = []
@@ -170,7 +170,7 @@ def test_from_model_is_from_loaded_on_the_wrapped_model(tiny_gptj, tmp_path):
 def test_session_resolves_a_corpus_once_for_every_layer(tiny_gptj, monkeypatch):
     """Calibration's guarantee: every layer's statistics read the same corpus object (a
     sampled corpus is sampled once)."""
-    import rome_edit.editing.session as session_mod
+    import rome_edit.assembly.session as session_mod
 
     resolved, used = [], []
     monkeypatch.setattr(session_mod, "resolve_corpus",

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rome_edit.editing.apply import add_rank_one, preserved
-from rome_edit.editing.vector_edit import VectorApplier, random_directions
+from rome_edit.evaluation.vectors import VectorApplier, random_directions
 from rome_edit.study.experiment import gender_applier
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import GENDER_TASKS
+from rome_edit.weights.write import add_rank_one, preserved
 
 NAMES = [NameEntry("Brittany", "female"), NameEntry("David", "male"),
          NameEntry("Margaret", "female"), NameEntry("Robert", "male")]

@@ -8,18 +8,39 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rome_edit"
-# Each layer may import only the layers listed (and itself).
+# The rooms in the order data flows (docs/architecture.md).  Each room may import only the rooms
+# listed for it (and itself).
+_ENGINE = ["models", "tracing", "stats", "rome", "weights", "forms", "evaluation"]
 ALLOWED = {
     "models": {"models"},
     "tracing": {"models", "tracing"},
     "stats": {"models", "tracing", "stats"},
-    "editing": {"models", "tracing", "stats", "editing"},
-    "calibration": {"models", "tracing", "stats", "editing", "calibration"},
-    "analysis": {"analysis"},  # no model, no tracing, no editing
+    "rome": {"models", "rome"},  # the engine: computes edits, writes nothing
+    "weights": {"models", "rome", "weights"},
+    "forms": {"models", "rome", "weights", "forms"},
+    "evaluation": set(_ENGINE),
+    "forensics": {"models", "rome", "forms", "forensics"},
+    "inspection": {"models", "tracing", "inspection"},
+    "linearisation": {"models", "linearisation"},
+    "assembly": {"models", "tracing", "stats", "rome", "assembly"},
+    "calibration": set(_ENGINE) | {"assembly", "calibration"},
+    "analysis": {"analysis"},  # model-free: no model, tracing or editing imports
+    "api": set(_ENGINE) | {"forensics", "inspection", "linearisation", "assembly", "calibration",
+                           "analysis", "api"},  # everything but the study and the CLI
 }
-TOP_LEVEL = {"storage", "distributed"}  # small shared modules below every layer
+TOP_LEVEL = {"storage", "distributed"}  # small shared modules below every room
 # The bundled model's statistics corpus is the study's synthetic world: data, stdlib only.
 EXCEPTIONS = {("stats/corpus.py", "study.corpus"), ("stats/corpus.py", "study.names")}
+
+
+def test_every_room_has_a_rule_and_a_docstring():
+    rooms = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert rooms - {"study", "cli"} == set(ALLOWED)
+    for room in rooms:
+        doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text()))
+        assert doc, f"rome_edit/{room}/__init__.py needs a docstring that says its job"
+        modules = [p for p in (PACKAGE / room).glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= 13, f"rome_edit/{room} has {len(modules)} modules"
 
 
 def rome_imports(path: Path) -> set[str]:
@@ -55,14 +76,14 @@ def test_study_data_modules_import_only_the_standard_library():
 
 
 # One assembly point (docs/architecture.md): turning (model, hparams, templates, statistics)
-# into an editing run happens in rome_edit.editing.session.Session, which rome_edit.Editor is
+# into an editing run happens in rome_edit.assembly.session.Session, which rome_edit.Editor is
 # built on; every command, the study, calibration, scripts and benchmarks go through one of
 # them.  These resolvers are the Session's parts and are imported or called nowhere else.
 ROOT = PACKAGE.parent
 RESOLVERS = {"default_hparams", "resolve_hparams", "context_templates_for",
              "sample_context_templates", "inverse_for", "corpus_spec", "cached_second_moment"}
 RESOLVERS_ALLOWED = {
-    "rome_edit/editing/session.py": RESOLVERS,  # the assembly point itself
+    "rome_edit/assembly/session.py": RESOLVERS,  # the assembly point itself
     # `rome-edit stats` computes statistics as its product (the cache the Session reads);
     # it assembles no editing run: no hyperparameters, no templates, no C⁻¹.
     "rome_edit/cli/commands_stats.py": {"cached_second_moment"},
@@ -108,8 +129,70 @@ def test_the_assembly_check_sees_a_direct_call(tmp_path):
     """The check is not vacuous: a module calling a resolver, however imported, is caught."""
     (tmp_path / "rome_edit").mkdir()
     (tmp_path / "rome_edit" / "x.py").write_text(
-        "import rome_edit.editing.session as s\n"
-        "from rome_edit.editing.session import inverse_for\n"
+        "import rome_edit.assembly.session as s\n"
+        "from rome_edit.assembly.session import inverse_for\n"
         "s.context_templates_for(1, 2)\n")
     assert assembly_violations(tmp_path) == ["rome_edit/x.py:2 uses inverse_for",
                                              "rome_edit/x.py:3 uses context_templates_for"]
+
+
+def module_graph(package: Path) -> dict[str, set[str]]:
+    """Module → the package modules it imports (any import, at any depth of the file)."""
+    modules = {".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(
+        ".__init__"): p for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in rome_imports(path):
+            full = f"rome_edit.{imported}"
+            # `from rome_edit.x import y` may name a module y or a name in x
+            while full not in modules and "." in full:
+                full = full.rsplit(".", 1)[0]
+            if full != name and not name.startswith(full + ".") and full in modules:
+                targets.add(full)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or around a loop (package ``__init__`` files
+    that re-export their room's names count as importers of the room, not as part of it)."""
+    assert cycles(module_graph(PACKAGE)) == []
+
+
+def test_the_cycle_check_sees_a_loop():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
 from rome_edit.models.compat import TRANSFORMERS_VERSION, supports_attention
 from rome_edit.models.loading import load_model, wrap_model
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.tracing.trace import trace
 
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]

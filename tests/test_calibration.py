@@ -7,8 +7,8 @@ import pytest
 from rome_edit.calibration import CalibrationGrid, ChoiceRule, calibrate, choose
 from rome_edit.calibration.grid import Candidate
 from rome_edit.cli.main import main
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.request import EditRequest
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.stats.cache import CACHE_ENV
 
 NAMES = [("Brittany", "female"), ("David", "male"), ("Margaret", "female"), ("Robert", "male"),
@@ -129,8 +129,8 @@ def test_calibrate_cli_grid_rule_and_file(saved_model, tmp_path, monkeypatch, ca
 
 def test_calibrate_library_measures_what_it_reports(tiny_gptj, tmp_path):
     """Each row's efficacy is the efficacy of that candidate's edits (not of another's)."""
-    from rome_edit.editing.evaluate import evaluate_edits, summarize
-    from rome_edit.editing.rome import compute_edits
+    from rome_edit.evaluation.evaluate import evaluate_edits, summarize
+    from rome_edit.rome.compute import compute_edits
 
     requests = [EditRequest(n, "Name: {}. Gender:", " Male" if g == "female" else " Female",
                             " Female" if g == "female" else " Male") for n, g in NAMES[:4]]

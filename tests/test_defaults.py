@@ -9,16 +9,16 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from rome_edit.cli.main import main
-from rome_edit.editing import session
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.session import (
+from rome_edit.assembly import session
+from rome_edit.assembly.session import (
     corpus_spec,
     default_hparams,
     inverse_for,
     relative_depth_layer,
 )
+from rome_edit.cli.main import main
 from rome_edit.models.scoring import next_token_logprobs
+from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.stats import sampled as sampled_module
 from rome_edit.stats.corpus import CorpusError, resolve_corpus
 from rome_edit.stats.sampled import sampled_corpus

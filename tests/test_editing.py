@@ -6,17 +6,18 @@ import json
 import pytest
 import torch
 
-from rome_edit.editing.apply import applied, apply_records
-from rome_edit.editing.context import compose, load_context_templates, sample_context_templates
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.key import key_star, keys_and_values
-from rome_edit.editing.record import EditRecord
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import SecondMomentInverse, compute_edits, edit_sequentially
-from rome_edit.editing.value import optimize_value
-from rome_edit.editing.value_batched import optimize_values
+from rome_edit.forms.sequential import edit_sequentially
 from rome_edit.models.architectures import get_module, out_proj_weight
+from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.context import compose, load_context_templates, sample_context_templates
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.key import key_star, keys_and_values
+from rome_edit.rome.record import EditRecord
+from rome_edit.rome.request import EditRequest
+from rome_edit.rome.value_batched import optimize_values
+from rome_edit.rome.value_reference import optimize_value
 from rome_edit.stats.inverse import InverseSecondMoment
+from rome_edit.weights.write import applied, apply_records
 
 CTX = ["{}", "The weather was cold. {}", "A {{brace}} here. {}", "Record. {}"]
 REQS = [EditRequest("Brittany", "Name: {}. Gender:", " Male", " Female"),
@@ -252,7 +253,7 @@ def test_bad_inputs_leave_weights_untouched(tiny_gptj):
 
 
 def test_batched_evaluation_equals_real_weight_edits(tiny_gptj):
-    from rome_edit.editing.evaluate import evaluate_edits
+    from rome_edit.evaluation.evaluate import evaluate_edits
     from rome_edit.study.names import NameEntry
     from rome_edit.study.task import CITY_FACT, gender_requests
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from rome_edit.editing.apply import preserved
-from rome_edit.editing.fitted_write import (
+from rome_edit.forms.fitted_write import (
     FitSettings,
     _interval,
     _threshold,
@@ -13,6 +12,7 @@ from rome_edit.editing.fitted_write import (
 )
 from rome_edit.models.scoring import choose_between
 from rome_edit.models.subject import fill
+from rome_edit.weights.write import preserved
 
 PROMPT = "Name: {}. Gender:"
 ANSWERS = (" Female", " Male")

@@ -5,17 +5,17 @@ import copy
 import pytest
 import torch
 
-from rome_edit.editing.apply import add_rank_one
-from rome_edit.editing.forensics import changed_layers, identify_edits, revert_all, revert_edit
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.many import vector_targets, write_edits
-from rome_edit.editing.protect import ProtectSettings, second_moment_matrix
-from rome_edit.editing.protected_keys import Protection, build_bank
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import SecondMomentInverse, compute_edits
+from rome_edit.forensics.detect import changed_layers, identify_edits, revert_all, revert_edit
+from rome_edit.forms.many import vector_targets, write_edits
+from rome_edit.forms.protect import ProtectSettings, second_moment_matrix
+from rome_edit.forms.protected_keys import Protection, build_bank
 from rome_edit.models.architectures import get_module, out_proj_weight
 from rome_edit.models.loading import wrap_model
+from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.stats.inverse import InverseSecondMoment
+from rome_edit.weights.write import add_rank_one
 
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]
 PROMPT = "Name: {}. Gender:"

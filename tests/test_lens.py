@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from rome_edit.cli.main import main
-from rome_edit.editing.apply import add_rank_one, preserved
+from rome_edit.inspection.lens import LensComparison, LensResult, lens_logits, logit_lens
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.layers import logits_at_layer
-from rome_edit.tracing.lens import LensComparison, LensResult, lens_logits, logit_lens
+from rome_edit.weights.write import add_rank_one, preserved
 
 PROMPT = "Name: Brittany. Gender:"
 
@@ -100,7 +100,7 @@ def test_first_flip_and_first_beats():
 
 
 def test_compare_lens_sees_an_edit_only_from_its_layer_up_and_restores(tiny_gptj):
-    from rome_edit.tracing.lens import compare_lens
+    from rome_edit.inspection.lens import compare_lens
 
     lm = tiny_gptj
     layer = 2

@@ -12,9 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, GPTJConfig
 
-from rome_edit.editing.apply import preserved
-from rome_edit.editing.memory import GIB, estimate_edit_memory, largest_chunk, meta_model
+from rome_edit.assembly.memory import GIB, estimate_edit_memory, largest_chunk, meta_model
 from rome_edit.models.loading import bundled_model_path, wrap_model
+from rome_edit.weights.write import preserved
 
 ROOT = Path(__file__).resolve().parents[1]
 # EleutherAI/gpt-j-6b's config.json (the shapes that matter)

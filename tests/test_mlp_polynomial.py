@@ -11,7 +11,9 @@ import torch
 from conftest import make_tiny
 from transformers import GPTJConfig, GPTJForCausalLM
 
-from rome_edit.analysis.mlp_polynomial import (
+from rome_edit.cli.main import main
+from rome_edit.linearisation.io import mlp_parts
+from rome_edit.linearisation.polynomial import (
     direction_cosines,
     empirical_linear_fit,
     fit_mixture_linear,
@@ -21,11 +23,9 @@ from rome_edit.analysis.mlp_polynomial import (
     random_abs_cosine,
     top_singular_directions,
 )
-from rome_edit.api.linearize import linearize_mlp
-from rome_edit.cli.main import main
+from rome_edit.linearisation.run import linearize_mlp
 from rome_edit.models.architectures import get_module
 from rome_edit.models.loading import wrap_model
-from rome_edit.stats.mlp_io import mlp_parts
 
 M = torch.tensor([-2.0, -0.3, 0.0, 0.5, 1.7], dtype=torch.float64)
 S = torch.tensor([0.3, 1.0, 2.0, 0.7, 1.5], dtype=torch.float64)

@@ -11,16 +11,16 @@ import scipy.stats
 import torch
 from conftest import make_tiny
 
-from rome_edit.analysis.neuron_overlap import (
+from rome_edit.cli.main import main
+from rome_edit.inspection.neuron_overlap import (
     key_preimage,
     rank_agreement,
     spearman,
     top_k_overlap,
 )
-from rome_edit.cli.main import main
+from rome_edit.inspection.neurons import _gradients, trace_neurons
 from rome_edit.models.architectures import get_module
 from rome_edit.tracing.core import prepare_prompt
-from rome_edit.tracing.neurons import _gradients, trace_neurons
 from rome_edit.tracing.noise import corrupt_subject, subject_noise
 
 TEMPLATE, SUBJECT = "Name: {}. Gender:", "Brittany"

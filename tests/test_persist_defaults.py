@@ -8,8 +8,8 @@ import torch
 
 from rome_edit.analysis.concept_vector import ConceptVector, save_concept_vector
 from rome_edit.cli.main import main
-from rome_edit.editing.persist import load_persisted
 from rome_edit.study.persisted import choose_persist_form, without_pool
+from rome_edit.weights.persist import load_persisted
 
 CTX = ["{}", "The weather was cold. {}"]
 EDITED = [("Brittany", "female"), ("David", "male"), ("Margaret", "female"), ("Robert", "male")]
@@ -117,9 +117,9 @@ def test_many_form_needs_persist(setup, capsys):
 
 
 def test_persist_vector_api_default_matches_the_cli(tiny_gptj, tmp_path, caplog):
-    from rome_edit.editing.apply import preserved
     from rome_edit.study.persisted import other_names_protection, persist_vector
     from rome_edit.study.task import EDIT_PROMPT
+    from rome_edit.weights.write import preserved
 
     lm, edited = tiny_gptj, [n for n, _ in EDITED]
     vector = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(1))

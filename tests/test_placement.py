@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from rome_edit.cli.common import parse_max_memory
-from rome_edit.editing.apply import applied
-from rome_edit.editing.evaluate import evaluate_edits
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
+from rome_edit.evaluation.evaluate import evaluate_edits
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.loading import load_model
 from rome_edit.models.scoring import next_token_logprobs
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.study.names import load_names
 from rome_edit.study.task import EDIT_PROMPT
 from rome_edit.tracing.trace import trace
+from rome_edit.weights.write import applied
 
 CTX = ["{}", "It was a long day. {}"]
 REQUESTS = [EditRequest("Brittany", EDIT_PROMPT, " Male", " Female"),

@@ -6,29 +6,30 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rome_edit.editing.apply import add_rank_one, preserved
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.key import prompt_keys
-from rome_edit.editing.many import EditTargets, batched_delta, vector_targets, write_edits
-from rome_edit.editing.persist import MANIFEST, load_persisted, save_edited
-from rome_edit.editing.protect import (
+from rome_edit.forms.many import batched_delta, vector_targets, write_edits
+from rome_edit.forms.protect import (
     ProtectedDirections,
     ProtectSettings,
     protected_direction,
 )
-from rome_edit.editing.protected_keys import (
+from rome_edit.forms.protected_keys import (
     Protection,
     build_bank,
-    layer_output,
     protect_records,
     read_names_file,
 )
-from rome_edit.editing.record import EditRecord
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import SecondMomentInverse, compute_edits
 from rome_edit.models.architectures import out_proj_weight
+from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import wrap_model
+from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.key import prompt_keys
+from rome_edit.rome.record import EditRecord
+from rome_edit.rome.request import EditRequest
 from rome_edit.stats.inverse import InverseSecondMoment
+from rome_edit.weights.persist import MANIFEST, load_persisted, save_edited
+from rome_edit.weights.targets import EditTargets
+from rome_edit.weights.write import add_rank_one, preserved
 
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]
 PROMPT = "Name: {}. Gender:"

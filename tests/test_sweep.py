@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rome_edit.editing.sweep as sweep_mod
-from rome_edit.editing.hparams import ROMEHyperParams
+import rome_edit.evaluation.sweep as sweep_mod
+from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.study.names import NameEntry, load_names
 from rome_edit.study.sweep import run_gender_sweep as run_sweep
 

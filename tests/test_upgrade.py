@@ -12,15 +12,15 @@ from conftest import make_tiny
 
 from rome_edit.analysis.concept_vector import load_concept_vector as load_gender_vector
 from rome_edit.analysis.deltas import load_delta_set
-from rome_edit.editing.apply import apply_records
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
 from rome_edit.models import gptj_suffix
 from rome_edit.models.identity import fingerprint, fingerprint_of
 from rome_edit.models.loading import load_model, wrap_model
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.request import EditRequest
 from rome_edit.stats.cache import StatsKey, cached_second_moment
 from rome_edit.stats.corpus import TextCorpus
 from rome_edit.stats.second_moment import SecondMoment
+from rome_edit.weights.write import apply_records
 
 SHIPPED = Path(__file__).resolve().parents[1] / "vectors" / "bundled-sweep"
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]
@@ -29,7 +29,7 @@ REQS = [EditRequest(s, "Name: {}. Gender:", t) for s, t in
 
 
 def _hp(lm):
-    from rome_edit.editing.hparams import ROMEHyperParams
+    from rome_edit.rome.hparams import ROMEHyperParams
 
     return ROMEHyperParams(layers=(1,), v_loss_layer=lm.n_layers - 1, v_num_grad_steps=6,
                            clamp_norm_factor=4.0, mom2_adjustment=False)
@@ -71,7 +71,7 @@ def test_kernel_fallback_gives_the_right_result_with_one_warning(tokenizer, monk
 
         monkeypatch.setattr(gptj_suffix, "gptj_sin_cos", moved)
     lm = make_tiny("gptj", tokenizer)
-    with caplog.at_level(logging.WARNING, logger="rome_edit.editing.suffix_step"):
+    with caplog.at_level(logging.WARNING, logger="rome_edit.rome.suffix_step"):
         got, steps = _deltas(lm, "batched", chunk_size=1)  # three chunks, one check
     assert steps == {"generic"}
     _assert_same_deltas(got, want)

@@ -4,17 +4,17 @@ suffix kernel, the generic suffix path, and layouts at their edges."""
 import pytest
 import torch
 
-from rome_edit.editing import value_batched as vb
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.key import key_stars
-from rome_edit.editing.prefix_pass import PromptBatch, prefix_pass
-from rome_edit.editing.request import EditRequest, rewriting_layouts
-from rome_edit.editing.suffix_step import GenericSuffix
-from rome_edit.editing.value import optimize_value
 from rome_edit.models.gptj_suffix import GPTJSuffix, SuffixGroups, supports_gptj_suffix
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.layers import logits_at_layer
 from rome_edit.models.scoring import pad_id, right_pad
+from rome_edit.rome import value_batched as vb
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.key import key_stars
+from rome_edit.rome.prefix_pass import PromptBatch, prefix_pass
+from rome_edit.rome.request import EditRequest, rewriting_layouts
+from rome_edit.rome.suffix_step import GenericSuffix
+from rome_edit.rome.value_reference import optimize_value
 
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]
 REQS = [EditRequest("Brittany", "Name: {}. Gender:", " Male"),

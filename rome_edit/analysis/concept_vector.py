@@ -87,7 +87,7 @@ class ConceptVector:
     ``vector = scale × raw box vector``; ``raw_norm`` is the raw vector's norm and
     ``mean_delta_norm`` the mean ‖δ‖ of the deltas it was derived from; ``classes`` names the
     labels of those deltas: ``+vector`` points from ``classes[0]``-like deltas towards
-    ``classes[1]``-like ones.  Apply it to a model with :mod:`rome_edit.editing.vector_edit`
+    ``classes[1]``-like ones.  Apply it to a model with :mod:`rome_edit.evaluation.vectors`
     (or ``rome_edit.Editor``).
     """
 

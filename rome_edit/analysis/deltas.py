@@ -7,7 +7,7 @@ with any binary concept label (``classes`` names label 0 and label 1: the gender
 plus the model identity and layer they came from, so that deltas of different models or layers
 are never mixed by accident.
 
-A sweep directory (:func:`rome_edit.editing.sweep.run_sweep`) holds ``deltas.safetensors``
+A sweep directory (:func:`rome_edit.evaluation.sweep.run_sweep`) holds ``deltas.safetensors``
 (tensor ``"delta"``, one row per edit), ``records.jsonl`` (one JSON object per row, in the same
 order, with at least ``subject`` and ``label``) and ``summary.json`` (with ``model_identity``,
 ``layer`` and ``classes``).  Sweeps recorded before labels were generic have ``gender`` instead

@@ -9,7 +9,7 @@
 5. plots and ``analysis.json``.
 
 Steps 1–3 are :func:`rome_edit.analysis.report.analyze_deltas` (no model); step 4 uses
-:class:`rome_edit.editing.vector_edit.VectorApplier`.  This module joins them, so it sits above
+:class:`rome_edit.evaluation.vectors.VectorApplier`.  This module joins them, so it sits above
 both layers.
 """
 
@@ -29,8 +29,7 @@ from rome_edit.analysis.concept_vector import ScaleSpec
 from rome_edit.analysis.deltas import DeltaSet, load_delta_set
 from rome_edit.analysis.plots import ControlBand, FlipCurve, plot_flip_rates
 from rome_edit.analysis.report import VECTOR_FILE, DeltaAnalysis, analyze_deltas
-from rome_edit.editing.rome import SecondMomentInverse
-from rome_edit.editing.vector_edit import (
+from rome_edit.evaluation.vectors import (
     BinaryTask,
     FlipTable,
     Mode,
@@ -41,6 +40,7 @@ from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import generate
 from rome_edit.models.subject import fill
+from rome_edit.rome.compute import SecondMomentInverse
 
 log = logging.getLogger(__name__)
 RATE_KEYS = ("flip_label1", "flip_label0", "keep_label0", "keep_label1")

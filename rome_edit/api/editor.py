@@ -16,24 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rome_edit.assembly.session import Session
 from rome_edit.distributed import SINGLE, Workers
-from rome_edit.editing.apply import add_rank_one, check_record
-from rome_edit.editing.evaluate import KeptFact
-from rome_edit.editing.hparams import ROMEHyperParams, UpdateForm
-from rome_edit.editing.protect import ProtectSettings
-from rome_edit.editing.protected_keys import Protection, build_bank, protect_records
-from rome_edit.editing.record import EditRecord
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import Session
-from rome_edit.editing.sweep import run_sweep
-from rome_edit.editing.vector_edit import SubjectKeys
+from rome_edit.evaluation.evaluate import KeptFact
+from rome_edit.evaluation.sweep import run_sweep
+from rome_edit.evaluation.vectors import SubjectKeys
+from rome_edit.forms.protect import ProtectSettings
+from rome_edit.forms.protected_keys import Protection, build_bank, protect_records
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel, load_model, wrap_model
 from rome_edit.models.scoring import generate, next_token_logprobs
 from rome_edit.models.subject import fill
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams, UpdateForm
+from rome_edit.rome.record import EditRecord
+from rome_edit.rome.request import EditRequest
 from rome_edit.tracing.average import LocateResult, locate
+from rome_edit.weights.write import add_rank_one, check_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -108,7 +108,7 @@ class Editor(Session):
     ``hparams`` (the model's preset, a file, or calibrated), the context templates (sampled
     from the model with ``seed``, as the reference, or a list or JSON file) and ``C⁻¹`` (the
     on-disk statistics cache, computed on first use) are the ones ``rome-edit edit``/``sweep``
-    use: the commands are built on the same :class:`rome_edit.editing.session.Session`.
+    use: the commands are built on the same :class:`rome_edit.assembly.session.Session`.
     ``stats`` is a statistics file, ``corpus`` the text to compute them on (see ``rome-edit
     stats --corpus``) and ``until_stable`` (:class:`rome_edit.stats.Stability`) stops that
     computation once ``C⁻¹`` no longer moves instead of after ``mom2_n_samples`` documents.
@@ -281,7 +281,7 @@ class Editor(Session):
               neighbour_pool: Sequence[str] | None = None, kept: Sequence[KeptFact] = (),
               batch_size: int = 64, protection: Protection | None = None) -> dict[str, Any]:
         """Edit every request alone, record its delta and scores into ``out`` (resumable;
-        :func:`rome_edit.editing.sweep.run_sweep`); ``labels``/``classes`` are the binary
+        :func:`rome_edit.evaluation.sweep.run_sweep`); ``labels``/``classes`` are the binary
         concept ``rome_edit.DeltaSet.from_sweep(out)`` reads back."""
         return run_sweep(self.lm, requests, self._hparams, self.context_templates, out,
                          self.inverse, batch_size, labels=labels, classes=classes, extra=extra,

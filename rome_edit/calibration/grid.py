@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from rome_edit.editing.hparams import ROMEHyperParams
+from rome_edit.rome.hparams import ROMEHyperParams
 
 __all__ = ["Candidate", "CalibrationGrid", "DEFAULT_CLAMPS", "DEFAULT_STEPS", "DEFAULT_BAND"]
 

@@ -7,11 +7,11 @@ Steps (each reusing the toolkit's own parts):
    token.
 2. **Grid** (:mod:`rome_edit.calibration.grid`): every layer in a band around that layer ×
    ``clamp_norm_factor`` values × step counts × loss layers.
-3. For each layer, the **statistics** ``C`` once (:class:`rome_edit.editing.session.Session`,
+3. For each layer, the **statistics** ``C`` once (:class:`rome_edit.assembly.session.Session`,
    the assembly point ``Editor`` is built on; cached on disk by :mod:`rome_edit.stats.cache`,
    shared by all that layer's candidates); for each candidate, all sample edits at once with
-   the **batched engine** (:func:`rome_edit.editing.rome.compute_edits`), scored with
-   :func:`rome_edit.editing.evaluate.evaluate_edits` (efficacy, paraphrase, specificity on
+   the **batched engine** (:func:`rome_edit.rome.compute.compute_edits`), scored with
+   :func:`rome_edit.evaluation.evaluate.evaluate_edits` (efficacy, paraphrase, specificity on
    same-last-token and random neighbours, kept facts) and greedy-generation **fluency** on the
    first few requests (ROME's n-gram entropy; the unedited model's is measured once).
 4. **Choose** by :class:`rome_edit.calibration.choose.ChoiceRule` and return the base
@@ -31,24 +31,24 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rome_edit.calibration.choose import Choice, ChoiceRule, choose, counterfact_score
-from rome_edit.calibration.grid import CalibrationGrid, Candidate
-from rome_edit.editing.apply import applied
-from rome_edit.editing.evaluate import KeptFact, evaluate_edits, ngram_entropy, summarize
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
-from rome_edit.editing.session import (
+from rome_edit.assembly.session import (
     BUNDLED_NAME,
     Session,
     no_preset_hparams,
     relative_depth_layer,
 )
+from rome_edit.calibration.choose import Choice, ChoiceRule, choose, counterfact_score
+from rome_edit.calibration.grid import CalibrationGrid, Candidate
+from rome_edit.evaluation.evaluate import KeptFact, evaluate_edits, ngram_entropy, summarize
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import generate
 from rome_edit.models.subject import fill
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.stats.stability import Stability
 from rome_edit.tracing.average import LocateResult, locate
+from rome_edit.weights.write import applied
 
 __all__ = ["CalibrationResult", "calibrate", "FLUENCY_TOKENS"]
 
@@ -117,7 +117,7 @@ class CalibrationResult:
 
 def base_hparams(lm: LoadedModel, layer: int) -> ROMEHyperParams:
     """What the grid varies from: the bundled preset for the bundled model, else the no-preset
-    defaults (:func:`rome_edit.editing.session.no_preset_hparams`)."""
+    defaults (:func:`rome_edit.assembly.session.no_preset_hparams`)."""
     if lm.name == BUNDLED_NAME:
         return ROMEHyperParams.preset("toy-gptj").with_layer(layer)
     return no_preset_hparams(lm, layer)

@@ -11,9 +11,8 @@ from rome_edit.api.analyze import AnalysisSettings
 from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.cli.protect_args import add_protect_args, protection_from_args
-from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, MANY_FORMS, write_edits
-from rome_edit.editing.persist import load_targets, save_edited
-from rome_edit.editing.vector_edit import VectorApplier
+from rome_edit.evaluation.vectors import VectorApplier
+from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, MANY_FORMS, write_edits
 from rome_edit.models.identity import check_same_model
 from rome_edit.study.demo import run_demo
 from rome_edit.study.edited_model import model_state
@@ -32,6 +31,7 @@ from rome_edit.study.persisted import (
     without_pool,
 )
 from rome_edit.study.task import EDIT_PROMPT, GENDER_TASKS, gender_labels
+from rome_edit.weights.persist import load_targets, save_edited
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from rome_edit.calibration import CalibrationGrid, ChoiceRule, calibrate, write_report
 from rome_edit.calibration.grid import DEFAULT_BAND, DEFAULT_CLAMPS, DEFAULT_STEPS
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.editing.context import load_context_templates
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.request import EditRequest
 from rome_edit.models.subject import split_template
+from rome_edit.rome.context import load_context_templates
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.request import EditRequest
 from rome_edit.stats.stability import Stability
 from rome_edit.study.names import NameEntry, load_names
 from rome_edit.study.task import ANSWERS, CITY_FACT, EDIT_PROMPT, gender_request, other_gender

@@ -12,16 +12,16 @@ from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.cli.protect_args import add_protect_args, protection_from_args
 from rome_edit.distributed import SINGLE, Workers, data_parallel
-from rome_edit.editing.apply import applied
-from rome_edit.editing.evaluate import generations
-from rome_edit.editing.protected_keys import protect_records
-from rome_edit.editing.request import EditRequest
-from rome_edit.editing.rome import compute_edits
+from rome_edit.evaluation.evaluate import generations
+from rome_edit.forms.protected_keys import protect_records
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
+from rome_edit.rome.compute import compute_edits
+from rome_edit.rome.request import EditRequest
 from rome_edit.study.names import load_names
 from rome_edit.study.sweep import run_gender_sweep
 from rome_edit.study.task import EDIT_PROMPT
+from rome_edit.weights.write import applied
 
 
 def _editing_args(p: argparse.ArgumentParser) -> None:

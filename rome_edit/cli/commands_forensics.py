@@ -10,19 +10,19 @@ import torch
 
 from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.editing.forensics import (
+from rome_edit.forensics.detect import (
     changed_layers,
     compare_with_targets,
     identify_edits,
     revert_all,
     revert_edit,
 )
-from rome_edit.editing.persist import MANIFEST, load_persisted
-from rome_edit.editing.protected_keys import read_names_file
+from rome_edit.forms.protected_keys import read_names_file
 from rome_edit.models.loading import load_model
 from rome_edit.storage import atomic_save_tensors
 from rome_edit.study.names import load_names
 from rome_edit.study.task import EDIT_PROMPT
+from rome_edit.weights.persist import MANIFEST, load_persisted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

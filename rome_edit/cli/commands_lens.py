@@ -13,24 +13,24 @@ from pathlib import Path
 import torch
 
 from rome_edit.analysis.concept_vector import load_concept_vector
-from rome_edit.analysis.neuron_overlap import key_preimage, rank_agreement, top_k_overlap
 from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.editing.apply import applied, check_record
-from rome_edit.editing.key import key_star
-from rome_edit.editing.record import EditRecord
-from rome_edit.editing.vector_edit import SubjectKeys
+from rome_edit.evaluation.vectors import SubjectKeys
+from rome_edit.inspection.lens import compare_lens, logit_lens
+from rome_edit.inspection.lens_plots import plot_lens, plot_lens_comparison
+from rome_edit.inspection.neuron_overlap import key_preimage, rank_agreement, top_k_overlap
+from rome_edit.inspection.neuron_plots import plot_neurons
+from rome_edit.inspection.neurons import trace_neurons
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import single_token_id
+from rome_edit.rome.key import key_star
+from rome_edit.rome.record import EditRecord
 from rome_edit.tracing.core import as_template
-from rome_edit.tracing.lens import compare_lens, logit_lens
-from rome_edit.tracing.lens_plots import plot_lens, plot_lens_comparison
-from rome_edit.tracing.neuron_plots import plot_neurons
-from rome_edit.tracing.neurons import trace_neurons
 from rome_edit.tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
 from rome_edit.tracing.trace import DEFAULT_SAMPLES, DEFAULT_SEED
+from rome_edit.weights.write import applied, check_record
 
 
 def _editing_context_args(p: argparse.ArgumentParser) -> None:

@@ -16,17 +16,17 @@ import torch
 
 from rome_edit.analysis.deltas import load_delta_set
 from rome_edit.analysis.directions import DIRECTION_NAMES, candidate_directions
-from rome_edit.analysis.mlp_polynomial import (
+from rome_edit.api.editor import Editor
+from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.inspection.lens_plots import layer_token_heatmap
+from rome_edit.linearisation.io import ACTIVATION_MODES
+from rome_edit.linearisation.polynomial import (
     direction_cosines,
     random_abs_cosine,
     top_singular_directions,
 )
-from rome_edit.api.editor import Editor
-from rome_edit.api.linearize import linearize_mlp
-from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.linearisation.run import linearize_mlp
 from rome_edit.stats.corpus import resolve_corpus
-from rome_edit.stats.mlp_io import ACTIVATION_MODES
-from rome_edit.tracing.lens_plots import layer_token_heatmap
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.distributed import data_parallel
-from rome_edit.editing.key import keys_and_values
+from rome_edit.rome.key import keys_and_values
 from rome_edit.stats.cache import cached_second_moment, default_cache_dir
 from rome_edit.stats.corpus import resolve_corpus
 from rome_edit.stats.second_moment import STATS_DTYPES

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from rome_edit.editing.protect import PROTECT_FORMS, ProtectSettings
-from rome_edit.editing.protected_keys import (
+from rome_edit.forms.protect import PROTECT_FORMS, ProtectSettings
+from rome_edit.forms.protected_keys import (
     POSITIONS,
     SOURCES,
     Protection,

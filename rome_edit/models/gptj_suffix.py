@@ -30,7 +30,7 @@ The arithmetic is GPT-J's eager attention (float32 attention scores, rotary on e
 first ``rotary_dim`` features, ``1/√head_dim`` scaling, an additive mask); the modules' own
 weights, projections, norms, MLPs and rotary table are called, so nothing is copied.  Because it
 mirrors the model's attention it can drift from a future transformers release:
-:mod:`rome_edit.editing.suffix_step` checks it against the model's own forward on its first use
+:mod:`rome_edit.rome.suffix_step` checks it against the model's own forward on its first use
 for a model and falls back to the generic path if it cannot run or disagrees.  Used only for an
 undispatched GPT-J (no accelerate device map); every other case takes the generic path.
 """

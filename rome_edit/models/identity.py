@@ -43,8 +43,8 @@ from rome_edit.models.compat import (
 
 FINGERPRINT_DIGITS = 16
 LEGACY_DIGITS = 12
-# What rome_edit.editing.persist writes beside a saved edited model (named here because
-# models/ sits below editing/ and must not import it).
+# What rome_edit.weights.persist writes beside a saved edited model (named here because
+# models/ sits below the editing rooms and must not import it).
 PERSISTED_EDITS = ("rome_edit_edits.json", "rome_edit_edits.safetensors")
 
 

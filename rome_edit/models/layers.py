@@ -60,3 +60,12 @@ def fused_activations(model: nn.Module) -> Iterator[None]:
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
+
+
+@torch.no_grad()
+def layer_output(lm: LoadedModel, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    """The edit layer's output projection (bias included) applied to rows of ``keys`` with the
+    current weights, in float32 on the CPU: the value ``W k + b`` a key reads."""
+    module = get_module(lm.model, lm.arch.out_proj.format(layer))
+    weight = module.weight
+    return module(keys.to(device=weight.device, dtype=weight.dtype)).float().cpu()

@@ -135,3 +135,10 @@ def _span(prompt: str, ids: Sequence[int], hits: list[int], subject: str) -> Sub
             "is spelled as it appears in the text."
         )
     return SubjectSpan(prompt, tuple(ids), hits[0], hits[-1] + 1)
+
+
+def last_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, subjects: Sequence[str]
+                ) -> dict[str, int]:
+    """Each subject's last token in ``prompt``."""
+    spans = locate_subjects(tokenizer, [prompt] * len(subjects), list(subjects))
+    return {n: sp.input_ids[sp.last] for n, sp in zip(subjects, spans)}

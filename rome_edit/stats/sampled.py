@@ -61,7 +61,7 @@ def sampled_corpus(lm: LoadedModel, seed: int = 0, length: int = DEFAULT_SAMPLE_
     """An endless, re-iterable stream of texts sampled from ``lm`` (the statistics pass takes
     the first ``n_samples``); the same seed gives the same texts on the same device.  Call
     ``corpus.prepare(n)`` before a statistics pass: sampling runs the model, which must not
-    happen inside that pass's hooks (:func:`rome_edit.editing.session.inverse_for` does);
+    happen inside that pass's hooks (:func:`rome_edit.assembly.session.inverse_for` does);
     from then on the corpus is the texts sampled so far (at least ``n``).
 
     Id: ``sampled:<model fingerprint>:seed<seed>:len<length>:batch<batch>``.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rome_edit.api.analyze import AnalysisSettings
 from rome_edit.api.editor import Editor
-from rome_edit.editing.sweep import FLUENCY_TOKENS
+from rome_edit.evaluation.sweep import FLUENCY_TOKENS
 from rome_edit.models.loading import load_model
 from rome_edit.models.subject import fill
 from rome_edit.study.experiment import analyze_gender

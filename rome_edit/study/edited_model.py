@@ -1,6 +1,6 @@
 """Scoring a model that holds many gender edits at once, against the unedited model.
 
-Where :func:`rome_edit.editing.evaluate.evaluate_edits` scores each edit as if applied alone,
+Where :func:`rome_edit.evaluation.evaluate.evaluate_edits` scores each edit as if applied alone,
 this scores one final model (N edits written together, or a saved checkpoint loaded fresh):
 
 * ``efficacy`` — success rate over the edited names: the target gender's answer beats the other
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rome_edit.editing.evaluate import ngram_entropy
+from rome_edit.evaluation.evaluate import ngram_entropy
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import choose_between, generate, next_token_logprobs
 from rome_edit.models.subject import fill, locate_subjects

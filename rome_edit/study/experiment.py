@@ -13,9 +13,9 @@ import torch
 
 from rome_edit.api.analyze import AnalysisSettings, HeldOut, analyze
 from rome_edit.api.analyze import completions as generic_completions
-from rome_edit.editing.rome import SecondMomentInverse
-from rome_edit.editing.vector_edit import VectorApplier
+from rome_edit.evaluation.vectors import VectorApplier
 from rome_edit.models.loading import LoadedModel
+from rome_edit.rome.compute import SecondMomentInverse
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import GENDER_TASKS, gender_labels
 

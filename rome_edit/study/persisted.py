@@ -1,7 +1,7 @@
 """One saved model holding the gender vector for many names (``rome-edit apply --persist``).
 
 The study's test of a vector (seed 001) writes ``v_orig + s·g`` for one held-out name at a time,
-in memory.  Here every name gets its edit in one model (:func:`rome_edit.editing.many.
+in memory.  Here every name gets its edit in one model (:func:`rome_edit.forms.many.
 write_edits`), the model is saved as a standard checkpoint, and the flips are measured on the
 checkpoint *loaded fresh*: ``flip_f_to_m`` / ``keep_m`` under ``+g`` (``flip_m_to_f`` /
 ``keep_f`` under ``−g``), and ``others_kept`` — the names not edited whose predicted gender did
@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from rome_edit.analysis.concept_vector import ConceptVector
-from rome_edit.editing.evaluate import last_tokens
-from rome_edit.editing.fitted_write import FitSettings, fit_vector_write, write_fitted
-from rome_edit.editing.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
-from rome_edit.editing.persist import save_edited
-from rome_edit.editing.protect import Solver
-from rome_edit.editing.protected_keys import Protection, build_bank
+from rome_edit.forms.fitted_write import FitSettings, fit_vector_write, write_fitted
+from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
+from rome_edit.forms.protect import Solver
+from rome_edit.forms.protected_keys import Protection, build_bank
 from rome_edit.models.loading import LoadedModel, load_model
+from rome_edit.models.subject import last_tokens
 from rome_edit.study.edited_model import ModelState, model_state
 from rome_edit.study.names import NameEntry, load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT
+from rome_edit.weights.persist import save_edited
 
 log = logging.getLogger(__name__)
 ANALYSIS_FILE = "analysis.json"
@@ -156,7 +156,7 @@ def persist_vector(lm: LoadedModel, names: Sequence[str], vector: torch.Tensor, 
                    fit: FitSettings | None = None) -> Path:
     """Write ``v_orig + vector`` for every name into ``lm`` (persistently) and save it.
 
-    ``form="fitted"`` (:mod:`~rome_edit.editing.fitted_write`) fits the write to every name's
+    ``form="fitted"`` (:mod:`~rome_edit.forms.fitted_write`) fits the write to every name's
     measured answer instead: the edited names must answer the gender ``vector`` points to
     (``sign`` 1: male), the names of ``protection``'s bank must keep theirs.
 

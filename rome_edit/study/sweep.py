@@ -1,5 +1,5 @@
 """The gender sweep: every name edited to the other gender through the generic
-:func:`rome_edit.editing.sweep.run_sweep`."""
+:func:`rome_edit.evaluation.sweep.run_sweep`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rome_edit.distributed import SINGLE, Workers
-from rome_edit.editing.hparams import ROMEHyperParams
-from rome_edit.editing.protected_keys import Protection
-from rome_edit.editing.rome import SecondMomentInverse
-from rome_edit.editing.sweep import run_sweep
+from rome_edit.evaluation.sweep import run_sweep
+from rome_edit.forms.protected_keys import Protection
 from rome_edit.models.loading import LoadedModel
+from rome_edit.rome.compute import SecondMomentInverse
+from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import (
     CITY_FACT,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rome_edit.editing.evaluate import KeptFact
-from rome_edit.editing.request import EditRequest, Paraphrase
-from rome_edit.editing.vector_edit import BinaryTask
+from rome_edit.evaluation.evaluate import KeptFact
+from rome_edit.evaluation.vectors import BinaryTask
+from rome_edit.rome.request import EditRequest, Paraphrase
 from rome_edit.study.corpus import CITIES
 from rome_edit.study.names import Gender, NameEntry
 

@@ -1,0 +1,134 @@
+"""ROME end to end: key, value, rank-one update → :class:`EditRecord` (Meng et al. 2022, §3).
+
+:func:`compute_edits` computes every request against the *current* weights independently (what
+a sweep records: each name's edit of the original model) and writes nothing;
+:func:`rome_edit.forms.sequential.edit_sequentially` applies each edit before computing the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from rome_edit.models.architectures import check_editable, check_layer, mlp_widths
+from rome_edit.models.identity import check_same_model
+from rome_edit.models.layers import layer_output
+from rome_edit.models.loading import LoadedModel
+from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.rome.key import key_stars, keys_and_values
+from rome_edit.rome.record import EditRecord
+from rome_edit.rome.request import EditRequest
+from rome_edit.rome.update import rank_one_update
+from rome_edit.rome.value_batched import optimize_values
+from rome_edit.rome.value_loop import EARLY_STOP_LOSS
+from rome_edit.rome.value_reference import loss_layer_of, optimize_value
+
+log = logging.getLogger(__name__)
+# "batched": the batched value engine, with the GPT-J kernel where it applies and agrees;
+# "batched-generic": the same engine on the model's own forward only; "simple": one request at
+# a time, every step a full forward over all prompts (the reference's way).
+Engine = Literal["batched", "batched-generic", "simple"]
+ENGINES: tuple[str, ...] = ("batched", "batched-generic", "simple")
+
+
+class Solver(Protocol):
+    """Anything that applies ``C⁻¹`` to rows of keys (e.g. ``InverseSecondMoment``)."""
+
+    def solve(self, keys: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SecondMomentInverse:
+    """``C⁻¹`` plus where ``C`` came from (stored in every record)."""
+
+    solver: Solver
+    provenance: dict
+
+
+def check_request_inputs(lm: LoadedModel, hp: ROMEHyperParams,
+                         inverse: SecondMomentInverse | None) -> None:
+    check_layer(lm.model, lm.arch, hp.layer)
+    check_editable(lm.model, lm.arch, hp.layer)
+    loss_layer_of(lm, hp)
+    if hp.mom2_adjustment and inverse is None:
+        raise ValueError("mom2_adjustment is on but no second-moment statistics were given; "
+                         "compute them with 'rome-edit stats' (or pass --stats FILE), or set "
+                         "mom2_adjustment to false.")
+    if inverse is not None:
+        prov = inverse.provenance
+        _, d_mlp = mlp_widths(lm.model, lm.arch)
+        if prov.get("layer") is not None and int(prov["layer"]) != hp.layer:
+            raise ValueError(f"statistics are for layer {prov['layer']} but the edit is at layer "
+                             f"{hp.layer}; compute them with 'rome-edit stats --layer {hp.layer}'.")
+        identity = prov.get("model_identity")
+        if identity is not None:
+            check_same_model(lm, identity, "the second moment C",
+                             "compute them for this model with 'rome-edit stats'.")
+        if prov.get("d_mlp") is not None and int(prov["d_mlp"]) != d_mlp:
+            raise ValueError(f"statistics have width {prov['d_mlp']} but this layer's keys have "
+                             f"{d_mlp}; they belong to another model.")
+
+
+def compute_edits(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    hp: ROMEHyperParams,
+    context_templates: Sequence[str],
+    inverse: SecondMomentInverse | None = None,
+    engine: Engine = "batched",
+    chunk_size: int = 64,
+    progress: bool = True,
+    early_stop_loss: float = EARLY_STOP_LOSS,
+) -> list[EditRecord]:
+    """Records for ``requests``, each computed against the current weights; nothing is applied.
+
+    ``early_stop_loss`` is the value loop's threshold (the reference's 0.05; 0 holds every edit
+    to ``v_num_grad_steps``, as benchmarks do).
+    """
+    check_request_inputs(lm, hp, inverse)
+    layer = hp.layer
+    t0 = time.perf_counter()
+    prompts = [r.prompt for r in requests]
+    subjects = [r.subject for r in requests]
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {list(ENGINES)}.")
+    k_bare, v_bare = keys_and_values(lm, layer, prompts, subjects)
+    if engine == "simple":
+        k_star = key_stars(lm, layer, prompts, subjects, context_templates)
+    t_key = time.perf_counter() - t0
+    if engine != "simple":  # k* comes out of the value pass's first forward
+        values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress,
+                                 use_kernel=engine == "batched", early_stop_loss=early_stop_loss)
+        k_star = torch.stack([v.k_star for v in values])
+    else:
+        values = [optimize_value(lm, r, hp, context_templates, early_stop_loss)
+                  for r in requests]
+    t_value = time.perf_counter() - t0 - t_key
+    use_c = hp.mom2_adjustment and inverse is not None
+    c_inv_k = inverse.solver.solve(k_star).float().cpu() if use_c else k_star
+    value_of_k_star = layer_output(lm, layer, k_star)
+    total = time.perf_counter() - t0
+    records = []
+    for i, (req, val) in enumerate(zip(requests, values)):
+        v_star = val.v_init + val.delta
+        upd = rank_one_update(hp.update_form, c_inv_k[i], k_star[i], v_star,
+                              value_of_k_star=value_of_k_star[i], k_bare=k_bare[i],
+                              v_bare=v_bare[i])
+        records.append(EditRecord(
+            request=req, model_identity=lm.identity, layer=layer, hparams=hp.to_dict(),
+            k_star=k_star[i], v_orig=val.v_init, v_star=v_star, delta=val.delta, u=upd.u,
+            lam=upd.lam, update_form=hp.update_form,
+            stats=inverse.provenance if use_c else None, losses=val.losses,
+            timings={"key_s": t_key / len(requests), "value_s": t_value / len(requests),
+                     "total_s": total / len(requests), "engine": engine, "step": val.step,
+                     "batch": len(requests)},
+            context_templates=tuple(context_templates),
+            attn_implementation=lm.attn_implementation,
+        ))
+    return records
+

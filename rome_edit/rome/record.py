@@ -1,0 +1,105 @@
+"""What one edit did, saved as ``record.safetensors`` (tensors) + ``record.json`` (the rest)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rome_edit.rome.request import EditRequest
+
+TENSOR_NAMES = ("k_star", "v_orig", "v_star", "delta", "u", "lam")
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """A ROME edit: enough to re-apply it, revert it, and study ``delta = v* − v_orig``.
+
+    The weight change is ``lam ⊗ u`` (``W ← W + Λ uᵀ``) at ``layer``'s MLP output projection,
+    ``W`` as ``(d_model, d_mlp)`` (GPT-2's Conv1D stores its transpose).  Tensors (float32;
+    saved as float32 on the CPU):
+
+    * ``k_star``: ``(d_mlp,)`` the subject's key averaged over the context templates;
+    * ``v_orig``, ``v_star``, ``delta``: ``(d_model,)`` the value before, the value written
+      and their difference ``delta = v_star − v_orig``;
+    * ``u``: ``(d_mlp,)`` and ``lam``: ``(d_model,)``, the rank-one update's two factors.
+    """
+
+    request: EditRequest
+    model_identity: str
+    layer: int
+    hparams: dict[str, Any]
+    k_star: torch.Tensor
+    v_orig: torch.Tensor
+    v_star: torch.Tensor
+    delta: torch.Tensor
+    u: torch.Tensor
+    lam: torch.Tensor
+    update_form: str = "paper"
+    stats: dict[str, Any] | None = None  # provenance of C (None: identity, no mom2 adjustment)
+    losses: tuple[float, ...] = ()
+    probs: dict[str, Any] = field(default_factory=dict)  # e.g. {"before": {...}, "after": {...}}
+    timings: dict[str, Any] = field(default_factory=dict)
+    context_templates: tuple[str, ...] = ()
+    attn_implementation: str | None = None  # eager / sdpa; None in records of rome-edit 0.1.0
+    # Protected keys (rome_edit.forms.protected_keys): source, form, parameters, which names;
+    # None for an unprotected edit and in records written before protection existed.
+    protection: dict[str, Any] | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The six tensors by name (``k_star`` … ``lam``), as detached float32 CPU copies."""
+        return {name: getattr(self, name).detach().float().cpu().clone()
+                for name in TENSOR_NAMES}
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "request": self.request.to_dict(), "model_identity": self.model_identity,
+            "layer": self.layer, "hparams": self.hparams, "update_form": self.update_form,
+            "stats": self.stats, "losses": list(self.losses), "probs": self.probs,
+            "timings": self.timings, "context_templates": list(self.context_templates),
+            "attn_implementation": self.attn_implementation, "protection": self.protection,
+            "delta_norm": float(self.delta.norm()), "v_orig_norm": float(self.v_orig.norm()),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(directory / "record.safetensors"))
+        (directory / "record.json").write_text(json.dumps(self.metadata(), indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EditRecord:
+        missing = [n for n in TENSOR_NAMES if n not in tensors]
+        if missing:
+            raise ValueError(f"record tensors {missing} are missing; the file is not an edit "
+                             "record written by rome-edit.")
+        return cls(
+            request=EditRequest.from_dict(meta["request"]), model_identity=meta["model_identity"],
+            layer=int(meta["layer"]), hparams=meta["hparams"],
+            update_form=meta.get("update_form", "paper"), stats=meta.get("stats"),
+            losses=tuple(meta.get("losses", ())), probs=meta.get("probs", {}),
+            timings=meta.get("timings", {}),
+            context_templates=tuple(meta.get("context_templates", ())),
+            attn_implementation=meta.get("attn_implementation"),
+            protection=meta.get("protection"),
+            **{n: tensors[n] for n in TENSOR_NAMES},
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EditRecord:
+        """Load a saved record (safetensors + JSON only; nothing is unpickled)."""
+        directory = Path(directory)
+        tensor_file, meta_file = directory / "record.safetensors", directory / "record.json"
+        if not tensor_file.exists() or not meta_file.exists():
+            raise FileNotFoundError(f"{directory} has no record.safetensors + record.json; pass "
+                                    "a directory written by 'rome-edit edit --out'.")
+        try:
+            tensors = load_file(str(tensor_file))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{tensor_file} is not a valid safetensors file ({err}).") from None
+        return cls.from_parts(json.loads(meta_file.read_text()), tensors)
