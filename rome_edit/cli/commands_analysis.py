@@ -206,8 +206,9 @@ def _persist_vector(lm, args, names, vector, layer, templates, solver, protectio
     (args.out / "apply.json").write_text(json.dumps({**described, "fresh_load": score},
                                                     indent=1) + "\n")
     print(json.dumps(score, indent=1))
-    print(f"wrote the edited model to {args.out} (AutoModelForCausalLM.from_pretrained loads "
-          "it); what was written: rome_edit_edits.json, measured on a fresh load: apply.json")
+    print(f"wrote the edited model to {args.out} as {lm.saved_as} "
+          "(AutoModelForCausalLM.from_pretrained loads it); what was written: "
+          "rome_edit_edits.json, measured on a fresh load: apply.json")
     return 0
 
 
@@ -223,7 +224,8 @@ def _persist_records(lm, args, choice) -> int:
     save_edited(lm, args.out, targets, base,
                 {**result.to_dict(), "records": [str(p) for p in args.records]})
     print(json.dumps(result.to_dict(), indent=1))
-    print(f"wrote the edited model ({len(targets.subjects)} edits) to {args.out}")
+    print(f"wrote the edited model ({len(targets.subjects)} edits) to {args.out} as "
+          f"{lm.saved_as}")
     return 0
 
 

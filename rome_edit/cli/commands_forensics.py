@@ -113,7 +113,7 @@ def run_forensics(args: argparse.Namespace) -> int:
         edited.model.save_pretrained(args.save)
         edited.tokenizer.save_pretrained(args.save)
         report["reverted"] = "all" if args.revert_all else list(args.revert)
-        print(f"wrote the reverted model to {args.save}")
+        print(f"wrote the reverted model to {args.save} as {edited.saved_as}")
     (args.out / "forensics.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}/forensics.json")
     return 0

@@ -1,10 +1,11 @@
-"""``rome-edit info`` and ``rome-edit generate``."""
+"""``rome-edit info``, ``rome-edit generate`` and ``rome-edit models``."""
 
 from __future__ import annotations
 
 import argparse
 
 from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.models import gguf
 from rome_edit.models.architectures import mlp_widths
 from rome_edit.models.scoring import generate
 
@@ -23,6 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=run_generate)
 
+    models = subparsers.add_parser(
+        "models", help="the GGUF models --model NAME can load, and where they are installed",
+        description="Lists the named GGUF models (--model NAME loads one): installed, with "
+                    "the file's path, or the command that installs it.")
+    models.add_argument("--path", metavar="NAME", choices=sorted(gguf.GGUF_MODELS), default=None,
+                        help="print only NAME's file path (an error naming the install "
+                             "command when it is not installed)")
+    models.set_defaults(func=run_models)
+
 
 def run_info(args: argparse.Namespace) -> int:
     lm = model_from_args(args)
@@ -31,6 +41,7 @@ def run_info(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in lm.model.parameters())
     rows = [
         ("model", lm.name),
+        *([("GGUF file", f"{lm.gguf_file} (dequantised)")] if lm.gguf_file else []),
         ("identity", lm.identity),
         ("attention", lm.attn_implementation),
         ("family", arch.family),
@@ -59,4 +70,15 @@ def run_generate(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         text = generate(lm.model, lm.tokenizer, prompt, args.max_new_tokens, args.sample, args.seed)
         print(f"{prompt}{text}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    if args.path is not None:
+        print(gguf.gguf_source(args.path))  # raises, naming the install command, when absent
+        return 0
+    for name, entry in sorted(gguf.GGUF_MODELS.items()):
+        path = gguf.find_gguf_model(name)
+        print(f"{name}  {entry.about}")
+        print(f"  {'installed: ' + str(path) if path else 'not installed; ' + entry.install}")
     return 0

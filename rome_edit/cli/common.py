@@ -10,7 +10,9 @@ from rome_edit.models.loading import DTYPES, LoadedModel, load_model
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="hub id or local directory (default: the bundled toy GPT-J)")
+                        help="hub id, local directory, GGUF file (*.gguf, dequantised) or a "
+                             "name listed by 'rome-edit models' (default: the bundled toy "
+                             "GPT-J)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default cpu)")
     parser.add_argument("--attn-implementation", default="eager",

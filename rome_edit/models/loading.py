@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -20,6 +20,7 @@ from rome_edit.models.compat import (
     attention_of,
     set_attention,
 )
+from rome_edit.models.gguf import drop_quantization, gguf_source, read_gguf
 from rome_edit.models.identity import (
     LEGACY_DIGITS,
     fingerprint,
@@ -41,13 +42,15 @@ def bundled_model_path() -> Path:
 @dataclass(frozen=True)
 class LoadedModel:
     """A model, its tokenizer, where its parts are, and a fingerprint of which model it is
-    (:mod:`rome_edit.models.identity`)."""
+    (:mod:`rome_edit.models.identity`; for a model read from a GGUF file, ``gguf_file``, the
+    file's fingerprint, :mod:`rome_edit.models.gguf`)."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     arch: Architecture
     name: str
     fingerprint: str
+    gguf_file: Path | None = None
 
     @property
     def identity(self) -> str:
@@ -66,6 +69,18 @@ class LoadedModel:
         if theirs == self.fingerprint:
             return True
         return len(theirs) == LEGACY_DIGITS and theirs in self.legacy_fingerprints
+
+    @property
+    def saved_as(self) -> str:
+        """What ``save_pretrained`` writes for this model, for messages: a safetensors
+        checkpoint in the weights' dtype, and, for a GGUF model, that it is dequantised (the
+        folder, not the ``.gguf``, is what loads the saved model)."""
+        dtype = str(get_weight(self.model, self.arch.embed).dtype).removeprefix("torch.")
+        text = f"a safetensors checkpoint ({dtype})"
+        if self.gguf_file is not None:
+            text += (f", dequantised from the GGUF file {self.gguf_file.name} (load it with "
+                     "--model <that folder>)")
+        return text
 
     @property
     def attn_implementation(self) -> str:
@@ -109,7 +124,12 @@ def load_model(
     offload_folder: str | Path | None = None,
     attn_implementation: str = "eager",
 ) -> LoadedModel:
-    """Load a Hugging Face causal LM by hub id or local directory (default: the bundled model).
+    """Load a Hugging Face causal LM by hub id, local directory or GGUF file (default: the
+    bundled model).
+
+    A GGUF file (``*.gguf``, or a name of :data:`rome_edit.models.gguf.GGUF_MODELS` such as
+    ``smollm2-135m-gguf``) is checked, fingerprinted from the file and dequantised to ``dtype``
+    (:mod:`rome_edit.models.gguf`); it needs the ``gguf`` package (``rome-edit[gguf]``).
 
     ``device_map``/``max_memory``/``offload_folder`` are passed to ``from_pretrained``
     (accelerate places the blocks, e.g. ``device_map="auto", max_memory={0: "20GiB", 1:
@@ -131,6 +151,8 @@ def load_model(
         raise ValueError("give either device or device_map, not both (a device map places "
                          "every block itself).")
     source = str(name_or_path) if name_or_path is not None else str(bundled_model_path())
+    gguf_path = gguf_source(source) if name_or_path is not None else None
+    header = read_gguf(gguf_path) if gguf_path is not None else None  # refused before loading
     if name_or_path is None and not (Path(source) / "config.json").exists():
         raise FileNotFoundError(
             f"the bundled model is missing at {source}; reinstall rome-edit or train it with "
@@ -144,9 +166,13 @@ def load_model(
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
     log.info("loading %s (%s)", source, dtype)
+    folder, file_kwargs = source, dict[str, str]()
+    if gguf_path is not None:  # transformers takes a GGUF file as folder + gguf_file
+        folder, file_kwargs = str(gguf_path.parent), {"gguf_file": gguf_path.name}
+        kwargs.update(file_kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **file_kwargs)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"could not load model {source!r}: {err}. Pass a local model directory or a hub id "
@@ -161,4 +187,8 @@ def load_model(
     if device_map is None:
         model.to(device or "cpu")
     name = "bundled:toy-gptj" if name_or_path is None else source
-    return wrap_model(model, tokenizer, name, templates, attn_implementation)
+    if header is None:
+        return wrap_model(model, tokenizer, name, templates, attn_implementation)
+    drop_quantization(model)  # dequantised floats from here on: saved as plain safetensors
+    lm = wrap_model(model, tokenizer, name, templates, attn_implementation)
+    return replace(lm, fingerprint=header.fingerprint, gguf_file=header.path)

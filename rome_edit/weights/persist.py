@@ -15,6 +15,7 @@ Transformers reads only its own files in the folder, so the two extra files ride
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from rome_edit.weights.targets import EditTargets
 
 FORMAT = "rome-edit/persisted-edits/1"
 MANIFEST, TENSORS = PERSISTED_EDITS
+log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "MANIFEST", "TENSORS", "load_persisted", "load_targets", "save_edited"]
 
@@ -39,7 +41,9 @@ def save_edited(lm: LoadedModel, out_dir: str | Path, targets: EditTargets, base
 
     ``base_identity`` is the unedited model's identity; ``written`` describes how the edits were
     written (:meth:`~rome_edit.forms.many.ManyEditResult.to_dict` plus e.g. the vector).
-    A non-empty ``out_dir`` is refused unless ``overwrite``.
+    A non-empty ``out_dir`` is refused unless ``overwrite``.  A model read from a GGUF file is
+    saved as an ordinary safetensors checkpoint of its dequantised weights; the JSON records
+    the file (``base_model_gguf``).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -50,12 +54,14 @@ def save_edited(lm: LoadedModel, out_dir: str | Path, targets: EditTargets, base
     atomic_save_tensors(targets.tensors(), out / TENSORS)
     manifest = {
         "format": FORMAT, "base_model": lm.name, "base_model_identity": base_identity,
+        **({"base_model_gguf": lm.gguf_file.name} if lm.gguf_file is not None else {}),
         "layer": targets.layer, "prompt": targets.prompt,
         "module": lm.arch.out_proj.format(targets.layer), **written,
         "edits": [{"subject": s, "delta_norm": float(d.norm())}
                   for s, d in zip(targets.subjects, targets.delta)],
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    log.info("saved the edited model to %s as %s", out, lm.saved_as)
     return out
 
 
