@@ -128,7 +128,7 @@ def analyze(
     else:
         ds = load_delta_set(sweep, labels)
     if lm is not None:
-        check_same_model(lm, ds.model_identity, "the sweep", "load the sweep's model (--model).")
+        check_same_model(lm, ds.model_identity, "the sweep", "load the sweep's model.")
     found = analyze_deltas(ds, out, seed=settings.seed, scale=settings.scale,
                            vector_file=vector_file)
     result: dict[str, Any] = {"sweep": str(sweep) if not isinstance(sweep, DeltaSet) else None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.architectures import get_module
 from rome_edit.models.hooks import capture
 from rome_edit.models.loading import LoadedModel
@@ -170,7 +171,8 @@ def compare_lens(lm: LoadedModel, prompt: str, modification: AbstractContextMana
     """The lens of ``prompt`` outside and inside ``modification`` (entered once, and left
     before returning, so the model is as it was)."""
     if not targets:
-        raise ValueError("a before/after lens needs at least one --target to follow.")
+        raise ParameterError("a before/after lens needs at least one answer to follow; pass "
+                             "targets=, e.g. [' Female', ' Male'].", parameters=("targets",))
     before = logit_lens(lm, prompt, targets)
     with modification:
         after = logit_lens(lm, prompt, targets)

@@ -58,8 +58,9 @@ class ROMEHyperParams:
             raise ValueError(f"ROME edits one layer; 'layers' is {list(self.layers)}. "
                              "Give exactly one layer, e.g. [5].")
         if self.fact_token != "subject_last":
-            raise ValueError(f"fact_token {self.fact_token!r} is not supported; rome-edit "
-                             "implements 'subject_last' (the reference's setting for all models).")
+            raise ValueError(f"fact_token {self.fact_token!r} is not supported; rome_edit "
+                             "implements 'subject_last' (the reference's setting for all "
+                             "models).")
         if self.update_form not in ("paper", "rome-reference"):
             raise ValueError(f"update_form {self.update_form!r}: use 'paper' or "
                              "'rome-reference'.")
