@@ -1,10 +1,10 @@
 """A concept vector (the study's "gender vector") as a saved artefact: its scale, provenance
 and safetensors file.
 
-A raw box vector (``box_vector.py``) can be far shorter than real deltas (METHOD.md feasibility
-run: ‖g‖ ≈ 13 vs mean ‖δ‖ ≈ 50), so the scale is explicit: ``"raw"`` (as optimised),
-``"mean-norm"`` (rescaled to the mean delta norm) or a float ``f`` (``f`` × the mean delta norm,
-scale mode ``"multiple"``).
+A raw box vector (``box_vector.py``) can be far shorter than real deltas (docs/method.md, "A
+feasibility run on a toy GPT-J": ‖g‖ ≈ 13 vs mean ‖δ‖ ≈ 50), so the scale is explicit:
+``"raw"`` (as optimised), ``"mean-norm"`` (rescaled to the mean delta norm) or a float ``f``
+(``f`` × the mean delta norm, scale mode ``"multiple"``).
 
 File format: a safetensors file with one float32 tensor ``"vector"`` of shape (d,) and the
 provenance as string metadata in its header (``format``, ``scale_mode``, ``scale``, ``raw_norm``,
@@ -168,7 +168,7 @@ class ConceptVector:
     def applied(self, editor: VectorWriter[_Handle], subjects: str | Sequence[str],
                 scale: float = 1.0, *, prompt: str | None = None) -> _Handle:
         """Write ``v_orig + s·g`` for each subject into ``editor``'s model (``rome_edit.Editor``:
-        the rank-one edit of seed 001, ``s`` = ``scale`` × the mean ‖δ‖, see :meth:`signed`) and
+        the rank-one edit of Xodarap 2023, ``s`` = ``scale`` × the mean ‖δ‖, see :meth:`signed`) and
         return the handle: use it as a context manager (``with vector.applied(ed, "Ani",
         scale=2.0): ...`` reverts on exit) or keep it and call ``.revert()`` — the persistent
         form.  The vector stays model-free: the editor does the writing."""

@@ -1,5 +1,5 @@
-"""The edit-vector study end to end on one sweep of any binary concept (seed 001, then seeds
-000/002/003).
+"""The edit-vector study end to end on one sweep of any binary concept (Xodarap 2023, then
+Roger 2022, Belrose et al. 2023 and Baker 2023; docs/method.md, "References").
 
 1. classifier on deltas (label 0 vs label 1) with a shuffled-label control;
 2. the bounded box vector ``g``, scaled explicitly, saved as safetensors;

@@ -293,7 +293,7 @@ class Editor(Session):
 
     def apply_vector(self, vector: ConceptVector, subjects: str | Sequence[str],
                      scale: float = 1.0, *, prompt: str | None = None) -> Applied:
-        """Write ``v_orig + s·g`` for each subject at the vector's layer (seed 001's rank-one
+        """Write ``v_orig + s·g`` for each subject at the vector's layer (Xodarap 2023's rank-one
         edit, the reference form ``Λ = s·g/(uᵀk)``); ``s·g`` is ``vector.signed(scale)``.
         ``prompt`` (default: the one the deltas were recorded on) is where the subject's key
         and value are read.  Usually called as ``vector.applied(editor, subjects, scale)``.

@@ -1,4 +1,4 @@
-"""Neighbour-protecting rank-one updates (METHOD.md, "Beyond one rank-one edit").
+"""Neighbour-protecting rank-one updates (docs/method.md, "Protected keys").
 
 ROME's paper form (Meng et al. 2022, Eq. 2) is the minimiser of ``tr(ΔW C ΔWᵀ)`` subject to
 ``ΔW k* = r`` with ``r = v* − (W k* + b)``:  ``ΔW = r uᵀ``, ``u = C⁻¹k* / (k*ᵀC⁻¹k*)``.  Every

@@ -1,9 +1,10 @@
-"""The logit lens (nostalgebraist 2020; seed 004): what each layer would predict if it were last.
+"""The logit lens (nostalgebraist 2020; Helm-Burger 2022): what each layer would predict if it
+were last.
 
 The residual stream after block ``l`` is decoded through the model's *own* final norm and
 unembedding modules — ``lm_head(final_norm(h_l))`` — at every position.  For the last block this
 is exactly the model's output (the same modules on the same tensor; a test checks the logits are
-bit-identical).  Seed 004's orientation: layers top to bottom, tokens left to right.
+bit-identical).  Helm-Burger's orientation: layers top to bottom, tokens left to right.
 
 :func:`compare_lens` runs the lens before and after a modification (an edit record applied with
 :func:`rome_edit.weights.write.applied`, a vector written in at a subject, …) given as a context

@@ -27,7 +27,7 @@ MODULE_KEYS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn
 
 @dataclass(frozen=True)
 class ROMEHyperParams:
-    """One edit's settings (METHOD.md "ROME: one rank-one edit" and the reference's file).
+    """One edit's settings (docs/method.md, "ROME: one rank-one edit", and the reference's file).
 
     ``update_form`` (rome-edit option): ``paper`` writes ``W += Λ uᵀ`` with ``u = C⁻¹k*`` and
     ``Λ = (v* − W k*)/(uᵀk*)`` (Meng et al. 2022, Eq. 2), so the edited layer maps ``k*`` to

@@ -1,6 +1,6 @@
 """One saved model holding the gender vector for many names (``rome-edit apply --persist``).
 
-The study's test of a vector (seed 001) writes ``v_orig + s·g`` for one held-out name at a time,
+The study's test of a vector (Xodarap 2023) writes ``v_orig + s·g`` for one held-out name at a time,
 in memory.  Here every name gets its edit in one model (:func:`rome_edit.forms.many.
 write_edits`), the model is saved as a standard checkpoint, and the flips are measured on the
 checkpoint *loaded fresh*: ``flip_f_to_m`` / ``keep_m`` under ``+g`` (``flip_m_to_f`` /
