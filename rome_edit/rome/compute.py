@@ -69,7 +69,7 @@ def check_request_inputs(lm: LoadedModel, hp: ROMEHyperParams,
             raise ParameterError(f"statistics are for layer {prov['layer']} but the edit is at "
                                  f"layer {hp.layer}; compute them with rome_edit.stats."
                                  f"compute_second_moment(lm, layer={hp.layer}).",
-                                 parameters=("compute_second_moment", "layer"))
+                                 parameters=("compute_second_moment",))
         identity = prov.get("model_identity")
         if identity is not None:
             check_same_model(lm, identity, "the second moment C",

@@ -179,14 +179,14 @@ class SecondMoment:
                 f"rome_edit.stats.compute_second_moment(lm, layer="
                 f"{self.layer if layer is None else layer})"
                 + (" on the model being edited" if wrong_model else "") + ".",
-                parameters=("compute_second_moment", "layer"),
+                parameters=("compute_second_moment",),
             )
         if d_mlp is not None and d_mlp != self.d_mlp:
             raise StatsMismatchError(
                 f"{source} are {self.d_mlp}×{self.d_mlp} but the keys of this model are {d_mlp} "
                 f"wide: recompute them on this model with "
                 f"rome_edit.stats.compute_second_moment(lm, layer={self.layer}).",
-                parameters=("compute_second_moment", "layer"),
+                parameters=("compute_second_moment",),
             )
 
     def save(self, path: str | Path) -> Path:
