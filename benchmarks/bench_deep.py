@@ -41,7 +41,8 @@ from rome_edit.rome.compute import compute_edits
 from rome_edit.study.names import balanced_names, load_names
 from rome_edit.study.task import gender_requests
 
-DEPTH, EDIT_LAYER, LOSS_LAYER = 28, 5, 27  # GPT-J-6B's (METHOD.md, reference hparams)
+# GPT-J-6B's (docs/method.md, "Reference hyperparameters")
+DEPTH, EDIT_LAYER, LOSS_LAYER = 28, 5, 27
 SIDES = {"gptj": ("simple", "batched", "batched-generic"), "llama": ("simple", "batched")}
 
 

@@ -55,7 +55,8 @@ def test_the_implementation_is_stated_when_loading(tokenizer):
     if supports_attention(make_tiny("gptj", tokenizer).model, "sdpa"):
         assert load_model(attn_implementation="sdpa").attn_implementation == "sdpa"
     else:  # GPT-J before transformers 5.24: refused with the fix named, nothing loaded
-        with pytest.raises(ValueError, match="use --attn-implementation eager"):
+        with pytest.raises(ValueError, match="use attn_implementation='eager'") as err:
             load_model(attn_implementation="sdpa")
+        assert err.value.parameters == ("attn_implementation",)
     with pytest.raises(ValueError, match="unknown attention implementation"):
         load_model(attn_implementation="flash")

@@ -68,7 +68,7 @@ def test_fitted_write_gives_the_edited_answers_and_keeps_the_protected():
         fit_vector_write(lm, gv.layer, PROMPT, vector, edited, [], protected, ANSWERS)
     from rome_edit.study.persisted import persist_vector
 
-    with pytest.raises(ValueError, match="--protect"):  # nothing to keep: refused, not written
+    with pytest.raises(ValueError, match="pass protection="):  # nothing to keep: refused
         persist_vector(lm, edited, vector, gv.layer, ["{}"], root / "never-written",
                        form="fitted")
     assert not (root / "never-written").exists()

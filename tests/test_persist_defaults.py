@@ -102,7 +102,7 @@ def test_choose_persist_form_defaults_fallbacks_and_refusals():
         "form: batched + protect other-names (--many-form batched)"
     with pytest.raises(ValueError, match="writes one vector"):
         choose_persist_form("fitted", None, records=True)
-    with pytest.raises(ValueError, match="drop --protect none"):
+    with pytest.raises(ValueError, match="drop protect='none'"):
         choose_persist_form("fitted", "none")
     assert without_pool(default).form == "sequential"
     with pytest.raises(ValueError, match="no other name to protect"):

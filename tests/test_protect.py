@@ -171,7 +171,7 @@ def test_protect_refusals(edited, tmp_path):
         protect_records(lm, [ref], Protection(bank))
     with pytest.raises(ValueError, match="protection form"):
         ProtectSettings("bogus")
-    with pytest.raises(FileNotFoundError, match="--protect"):
+    with pytest.raises(FileNotFoundError, match="protected names file .*: no such file"):
         build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, str(tmp_path / "nope.csv"))
     f = tmp_path / "names.csv"
     f.write_text("name,gender\nDavid,male\nAnna,female\n")

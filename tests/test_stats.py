@@ -147,7 +147,7 @@ def test_load_errors(tmp_path, tokenizer):
         SecondMoment.load(path, model="other@def")
     with pytest.raises(StatsMismatchError,
                        match=r"tiny@abc layer 1 but editing model tiny@abc layer 3: recompute "
-                             r"with rome-edit stats --layer 3"):
+                             r"them with rome_edit.stats.compute_second_moment\(lm, layer=3\)"):
         SecondMoment.load(path, layer=3)
     with pytest.raises(StatsMismatchError, match="4×4 but the keys of this model are 8 wide"):
         SecondMoment.load(path, d_mlp=8)
@@ -169,9 +169,9 @@ def test_load_errors(tmp_path, tokenizer):
     with pytest.raises(StatsFileError, match="not square"):
         SecondMoment.load(tmp_path / "rect.safetensors")
     save_file({"weight": torch.zeros(3, 3)}, tmp_path / "other.safetensors")
-    with pytest.raises(StatsFileError, match="no rome-edit second moment"):
+    with pytest.raises(StatsFileError, match="no rome_edit second moment"):
         SecondMoment.load(tmp_path / "other.safetensors")
-    with pytest.raises(FileNotFoundError, match="rome-edit stats"):
+    with pytest.raises(FileNotFoundError, match=r"compute_second_moment\(lm, layer=L\)"):
         SecondMoment.load(tmp_path / "missing.safetensors")
 
 

@@ -1,7 +1,9 @@
-"""Analysis of recorded ROME edits as vectors (seed 001 and its follow-ups, seeds 000 and 002).
+"""Analysis of recorded ROME edits as vectors (Xodarap 2023, "Gender Vectors in ROME's Latent
+Space"; the concept-direction questions of Roger 2022 and Belrose et al. 2023: docs/method.md).
 
 The delta maths never imports a model: ``deltas`` (the data and its loading), ``classifier``
 (logistic regression on δ), ``box_vector`` (the source's bounded "gender vector"),
-``gender_vector`` (its scale and safetensors file), ``inlp`` / ``rlace`` (concept-erasure
-baselines), ``directions`` (candidate directions, cosines, erasure check) and ``plots``.
+``concept_vector`` (its scale and safetensors file), ``inlp`` / ``rlace`` (concept-erasure
+baselines), ``directions`` (candidate directions, cosines, erasure check), ``plots`` and
+``report`` (the whole model-free study on one delta set).
 """

@@ -1,9 +1,9 @@
-"""The source's bounded "gender vector" (seed 001) for any labelled deltas: the box-constrained
-optimisation.
+"""The source's bounded "gender vector" (Xodarap 2023) for any labelled deltas: the
+box-constrained optimisation.
 
-Seed 001: "I use optimization tools to identify a vector which maximizes the probability of being
-classified as a 'female to male' δ, subject to the constraint that each component must be in
-the range [-1, 1]."  For a generic :class:`~rome_edit.analysis.deltas.DeltaSet` "female to
+Xodarap 2023: "I use optimization tools to identify a vector which maximizes the probability of
+being classified as a 'female to male' δ, subject to the constraint that each component must be
+in the range [-1, 1]."  For a generic :class:`~rome_edit.analysis.deltas.DeltaSet` "female to
 male" is label 1 (the classifier's positive class).  We solve it with L-BFGS-B and an analytic
 gradient, in one of two forms:
 

@@ -1,14 +1,14 @@
 """A logistic-regression classifier that tells label-1 from label-0 edit deltas (the study:
 female→male from male→female).
 
-Seed 001: "I randomly separate 30% of δ's into a test set and train a linear classifier on the
+Xodarap 2023: "I randomly separate 30% of δ's into a test set and train a linear classifier on the
 remaining 70%. This classifier has 100% accuracy on the test set."  Here the split is stratified
 and seeded, and a shuffled-label control (same split, labels permuted with the same seed) shows
 what accuracy chance alone reaches; a k-fold variant gives a spread.
 
 Standardisation (``standardize``): by default (``"per-coordinate"``) the classifier is fitted on
 standardised coordinates (mean 0, variance 1 per coordinate, statistics of the training rows
-only) because delta coordinates differ widely in scale (seed 000: a few very large features),
+only) because delta coordinates differ widely in scale (Roger 2022: a few very large features),
 and lbfgs converges slowly and the L2 penalty acts unevenly on unscaled inputs.  ``"global"``
 centres and divides by one scalar (the root mean squared coordinate), which keeps the isotropic
 geometry of raw deltas (an L2 penalty that treats every direction alike, as INLP's probes do)

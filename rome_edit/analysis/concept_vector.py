@@ -1,10 +1,10 @@
 """A concept vector (the study's "gender vector") as a saved artefact: its scale, provenance
 and safetensors file.
 
-A raw box vector (``box_vector.py``) can be far shorter than real deltas (METHOD.md feasibility
-run: ‖g‖ ≈ 13 vs mean ‖δ‖ ≈ 50), so the scale is explicit: ``"raw"`` (as optimised),
-``"mean-norm"`` (rescaled to the mean delta norm) or a float ``f`` (``f`` × the mean delta norm,
-scale mode ``"multiple"``).
+A raw box vector (``box_vector.py``) can be far shorter than real deltas (docs/method.md, "A
+feasibility run on a toy GPT-J": ‖g‖ ≈ 13 vs mean ‖δ‖ ≈ 50), so the scale is explicit:
+``"raw"`` (as optimised), ``"mean-norm"`` (rescaled to the mean delta norm) or a float ``f``
+(``f`` × the mean delta norm, scale mode ``"multiple"``).
 
 File format: a safetensors file with one float32 tensor ``"vector"`` of shape (d,) and the
 provenance as string metadata in its header (``format``, ``scale_mode``, ``scale``, ``raw_norm``,
@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from rome_edit.errors import MissingFileError, ParameterError
 from rome_edit.storage import atomic_save_tensors, read_tensor_entry
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ VECTOR_TENSOR = "vector"
 _FLOAT_FIELDS = ("scale", "raw_norm", "classifier_test_accuracy", "mean_delta_norm")
 
 
-class ConceptVectorError(ValueError):
+class ConceptVectorError(ParameterError):
     """A concept vector, scale or vector file that cannot be used; the message says what to
     fix."""
 
@@ -75,7 +76,8 @@ def resolve_scale(scale: ScaleSpec, raw_norm: float, mean_delta_norm: float) -> 
                                      "(a multiple of the mean delta norm).") from None
     if isinstance(scale, bool) or not np.isfinite(scale) or scale <= 0:
         raise ConceptVectorError(f"scale {scale!r} must be a positive, finite multiple of the mean "
-                                 "delta norm (use --sign -1 to reverse the vector).")
+                                 "delta norm (to reverse the vector use a negative scale in "
+                                 "ConceptVector.signed).", parameters=("sign",))
     return "multiple", float(scale) * mean_delta_norm / raw_norm
 
 
@@ -166,7 +168,7 @@ class ConceptVector:
     def applied(self, editor: VectorWriter[_Handle], subjects: str | Sequence[str],
                 scale: float = 1.0, *, prompt: str | None = None) -> _Handle:
         """Write ``v_orig + s·g`` for each subject into ``editor``'s model (``rome_edit.Editor``:
-        the rank-one edit of seed 001, ``s`` = ``scale`` × the mean ‖δ‖, see :meth:`signed`) and
+        the rank-one edit of Xodarap 2023, ``s`` = ``scale`` × the mean ‖δ‖, see :meth:`signed`) and
         return the handle: use it as a context manager (``with vector.applied(ed, "Ani",
         scale=2.0): ...`` reverts on exit) or keep it and call ``.revert()`` — the persistent
         form.  The vector stays model-free: the editor does the writing."""
@@ -212,7 +214,7 @@ def _refuse_non_safetensors(path: Path) -> None:
     if head[:1] == b"\x80" or head[:2] == b"PK":
         kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save format)"
         raise ConceptVectorError(
-            f"{path} looks like {kind}; rome-edit never unpickles files. Save the vector with "
+            f"{path} looks like {kind}; rome_edit never unpickles files. Save the vector with "
             "rome_edit.analysis.concept_vector.save_concept_vector (safetensors) instead."
         )
 
@@ -224,24 +226,28 @@ def load_concept_vector(path: str | Path, *, expected_width: int | None = None) 
     checked when given."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a vector file written by "
-                                "`rome-edit analyze` (vectors/*.safetensors).")
+        raise MissingFileError(f"{path} does not exist; pass a vector file written by "
+                               "save_concept_vector (rome_edit.api.analyze.analyze writes "
+                               "vectors/*.safetensors).", parameters=("analyze",))
     _refuse_non_safetensors(path)
     try:
         metadata, keys, tensor = read_tensor_entry(path, VECTOR_TENSOR)
     except (SafetensorError, OSError) as err:
         raise ConceptVectorError(f"{path} is not a safetensors file ({err}); pass a vector file "
-                                 "written by `rome-edit analyze`.") from err
+                                 "written by save_concept_vector.",
+                                 parameters=("analyze",)) from err
     if tensor is None:
         raise ConceptVectorError(f"{path} has no tensor {VECTOR_TENSOR!r} (found {keys}); it is "
                                  "not a concept-vector file.")
     if metadata.get("format") not in (FILE_FORMAT, LEGACY_FORMAT):
         raise ConceptVectorError(f"{path} has format {metadata.get('format')!r}, expected "
-                                 f"{FILE_FORMAT!r}; re-create it with `rome-edit analyze`.")
+                                 f"{FILE_FORMAT!r}; re-create it with "
+                                 "rome_edit.api.analyze.analyze.", parameters=("analyze",))
     if tensor.ndim != 1 or not tensor.is_floating_point():
         raise ConceptVectorError(f"{path}: the vector must be a 1-D float tensor, got shape "
                                  f"{tuple(tensor.shape)} of dtype {tensor.dtype}; re-create it "
-                                "with `rome-edit analyze` (or save a 1-D float tensor).")
+                                 "with rome_edit.api.analyze.analyze (or save a 1-D float "
+                                 "tensor).", parameters=("analyze",))
     if not bool(torch.isfinite(tensor).all()):
         raise ConceptVectorError(f"{path}: the vector contains NaN or inf; recompute it.")
     if expected_width is not None and tensor.numel() != expected_width:
@@ -256,7 +262,8 @@ def load_concept_vector(path: str | Path, *, expected_width: int | None = None) 
                    else LEGACY_CLASSES)
     except (KeyError, ValueError) as err:
         raise ConceptVectorError(f"{path}: missing or malformed metadata ({err}); re-create it "
-                                 "with `rome-edit analyze`.") from err
+                                 "with rome_edit.api.analyze.analyze.",
+                                 parameters=("analyze",)) from err
     return ConceptVector(tensor, mode, fields["scale"], fields["raw_norm"], identity, layer,
                         fields["classifier_test_accuracy"], fields["mean_delta_norm"], classes,
                         metadata.get("prompt"))

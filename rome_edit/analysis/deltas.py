@@ -1,6 +1,6 @@
 """Recorded value changes ``δ = v* − v_orig`` of ROME edits, with a binary label per edit.
 
-METHOD.md, "The gender-vector experiment": every name is edited to the other gender and the
+docs/method.md, "The gender-vector experiment": every name is edited to the other gender and the
 optimised value change ``δ`` at the edit layer is recorded.  A :class:`DeltaSet` holds such rows
 with any binary concept label (``classes`` names label 0 and label 1: the gender study's are
 ``("male→female", "female→male")``, a city swap's could be ``("London→Paris", "Paris→London")``),

@@ -1,4 +1,4 @@
-"""Which direction in delta space carries the concept (seeds 000 and 002)?
+"""Which direction in delta space carries the concept (Roger 2022; Belrose et al. 2023)?
 
 Candidate unit directions, all fitted on the *training* rows of one stratified seeded split:
 

@@ -2,7 +2,7 @@
 
 - :func:`plot_delta_projection`: the deltas on the two most informative axes — a concept direction
   (by default the classifier's) and the top principal component of what is left once that
-  direction is removed — coloured by edit direction (seed 000 shows such planes).
+  direction is removed — coloured by edit direction (Roger 2022 shows such planes).
 - :func:`plot_weight_histogram`: the classifier's weights in raw delta coordinates.
 - :func:`plot_flip_rates`: flip rate vs scale for each direction, over the band of random
   directions of the same norm (the rates themselves come from the editor-side code).

@@ -1,6 +1,7 @@
-"""The model-free half of the delta study, for any labelled :class:`DeltaSet` (seed 001, then
-seeds 000/002): classifier with a shuffled-label control, the bounded box vector (scaled and
-saved), candidate concept directions, their cosines and an erasure check, and two plots.
+"""The model-free half of the delta study, for any labelled :class:`DeltaSet` (Xodarap 2023,
+then Roger 2022 and Belrose et al. 2023): classifier with a shuffled-label control, the bounded
+box vector (scaled and saved), candidate concept directions, their cosines and an erasure check,
+and two plots.
 
 The model-facing half (applying the directions to held-out subjects) is
 :func:`rome_edit.api.analyze.analyze`, which calls :func:`analyze_deltas` first.

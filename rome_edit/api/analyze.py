@@ -1,5 +1,5 @@
-"""The edit-vector study end to end on one sweep of any binary concept (seed 001, then seeds
-000/002/003).
+"""The edit-vector study end to end on one sweep of any binary concept (Xodarap 2023, then
+Roger 2022, Belrose et al. 2023 and Baker 2023; docs/method.md, "References").
 
 1. classifier on deltas (label 0 vs label 1) with a shuffled-label control;
 2. the bounded box vector ``g``, scaled explicitly, saved as safetensors;
@@ -128,7 +128,7 @@ def analyze(
     else:
         ds = load_delta_set(sweep, labels)
     if lm is not None:
-        check_same_model(lm, ds.model_identity, "the sweep", "load the sweep's model (--model).")
+        check_same_model(lm, ds.model_identity, "the sweep", "load the sweep's model.")
     found = analyze_deltas(ds, out, seed=settings.seed, scale=settings.scale,
                            vector_file=vector_file)
     result: dict[str, Any] = {"sweep": str(sweep) if not isinstance(sweep, DeltaSet) else None,

@@ -18,6 +18,7 @@ import torch
 
 from rome_edit.assembly.session import Session
 from rome_edit.distributed import SINGLE, Workers
+from rome_edit.errors import MissingFileError
 from rome_edit.evaluation.evaluate import KeptFact
 from rome_edit.evaluation.sweep import run_sweep
 from rome_edit.evaluation.vectors import SubjectKeys
@@ -184,8 +185,8 @@ class Editor(Session):
         bundled one) — refused unless that is the model the sweep was recorded on."""
         manifest_path = Path(sweep_dir) / "sweep.json"
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} does not exist; pass a sweep directory "
-                                    "(written by Editor.sweep or `rome-edit sweep`).")
+            raise MissingFileError(f"{manifest_path} does not exist; pass a sweep directory "
+                                   "(written by Editor.sweep).", parameters=("Editor.sweep",))
         manifest = json.loads(manifest_path.read_text())
         hp = ROMEHyperParams.from_dict(manifest["hparams"])
         stats = (manifest.get("stats") or {}).get("path")
@@ -292,7 +293,7 @@ class Editor(Session):
 
     def apply_vector(self, vector: ConceptVector, subjects: str | Sequence[str],
                      scale: float = 1.0, *, prompt: str | None = None) -> Applied:
-        """Write ``v_orig + s·g`` for each subject at the vector's layer (seed 001's rank-one
+        """Write ``v_orig + s·g`` for each subject at the vector's layer (Xodarap 2023's rank-one
         edit, the reference form ``Λ = s·g/(uᵀk)``); ``s·g`` is ``vector.signed(scale)``.
         ``prompt`` (default: the one the deltas were recorded on) is where the subject's key
         and value are read.  Usually called as ``vector.applied(editor, subjects, scale)``.

@@ -75,7 +75,8 @@ def default_layer(lm: LoadedModel, prompt: str | None = None,
     if prompt is None or not subjects:
         layer = relative_depth_layer(lm)
         log.warning("no prompt to trace: edit layer %d, the reference's relative depth (5 of "
-                    "28); pass --layer or trace with 'rome-edit locate'.", layer)
+                    "28); pass layer= or trace with Editor.locate (command line: --layer, "
+                    "'rome-edit locate').", layer)
         return layer
     picked = list(dict.fromkeys(subjects))[:TRACE_SUBJECTS]
     texts = [fill(prompt, s) for s in picked]
@@ -123,10 +124,10 @@ def default_hparams(lm: LoadedModel, hparams_file: str | Path | None = None,
         hp = no_preset_hparams(lm, chosen)
         log.warning("no hyperparameter preset for %s: using the reference's values (clamp "
                     "%g, %d steps) at layer %d, loss layer %d, statistics on %r; for values "
-                    "measured on this model run 'rome-edit calibrate --model %s --out "
-                    "hparams.json' and pass --hparams hparams.json.", lm.name,
-                    hp.clamp_norm_factor, hp.v_num_grad_steps, hp.layer, hp.v_loss_layer,
-                    hp.mom2_dataset, lm.name)
+                    "measured on this model use Editor.calibrate (command line: 'rome-edit "
+                    "calibrate --model %s --out hparams.json', then --hparams hparams.json).",
+                    lm.name, hp.clamp_norm_factor, hp.v_num_grad_steps, hp.layer,
+                    hp.v_loss_layer, hp.mom2_dataset, lm.name)
     if layer is not None:
         hp = hp.with_layer(layer)
     if update_form is not None:

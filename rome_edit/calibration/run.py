@@ -39,6 +39,7 @@ from rome_edit.assembly.session import (
 )
 from rome_edit.calibration.choose import Choice, ChoiceRule, choose, counterfact_score
 from rome_edit.calibration.grid import CalibrationGrid, Candidate
+from rome_edit.errors import ParameterError
 from rome_edit.evaluation.evaluate import KeptFact, evaluate_edits, ngram_entropy, summarize
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import generate
@@ -125,7 +126,8 @@ def base_hparams(lm: LoadedModel, layer: int) -> ROMEHyperParams:
 
 def _check_requests(requests: Sequence[EditRequest]) -> str:
     if not requests:
-        raise ValueError("no edit requests to calibrate on; give at least one (e.g. --n 48).")
+        raise ParameterError("no edit requests to calibrate on; give at least one (requests=, "
+                             "e.g. 48).", parameters=("requests",))
     prompts = {r.prompt for r in requests}
     if len(prompts) != 1:
         raise ValueError(f"calibration requests must share one prompt (found {sorted(prompts)}); "

@@ -1,6 +1,7 @@
 """``rome-edit``: one subcommand per stage; each stage's module adds its own parser.
 
-Errors the user can fix (bad names, templates, files, layers) print one line and exit 2;
+Errors the user can fix (bad names, templates, files, layers) print one line and exit 2, with
+the flags for the Python parameters a library error names (:mod:`rome_edit.cli.flags`);
 ``--debug`` shows the traceback instead.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 from rome_edit._version import __version__
+from rome_edit.cli.flags import error_line
 
 # Each module (in rome_edit.cli) exposes ``register(subparsers)``; order is the order of the help
 # text. They are imported when the parser is built, not with this module, so that
@@ -75,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError, OSError, UserError) as err:
         if args.debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"rome-edit {args.command}: error: {message}", file=sys.stderr)
+        print(f"rome-edit {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rome_edit.distributed import SINGLE, Workers
+from rome_edit.errors import ParameterError
 from rome_edit.evaluation.evaluate import KeptFact, edit_fluency, evaluate_edits, summarize
 from rome_edit.forms.protected_keys import Protection, protect_records
 from rome_edit.models.loading import LoadedModel
@@ -62,8 +63,9 @@ def _check_labels(requests: Sequence[EditRequest], labels: Sequence[int] | None,
     subjects = [r.subject for r in requests]
     if len(set(subjects)) != len(subjects):
         twice = sorted({s for s in subjects if subjects.count(s) > 1})[:5]
-        raise ValueError(f"subjects {twice} are requested more than once; a sweep records one "
-                         "edit per subject (sweep the others into another --out directory).")
+        raise ParameterError(f"subjects {twice} are requested more than once; a sweep records "
+                             "one edit per subject (sweep the others into another output "
+                             "directory, out=).", parameters=("out",))
     for what, rows in (("labels", labels), ("extra", extra)):
         if rows is not None and len(rows) != len(requests):
             raise ValueError(f"{len(rows)} {what} for {len(requests)} requests; give one per "
@@ -114,8 +116,9 @@ def _check_manifest(out: Path, manifest: dict, workers: Workers, lm: LoadedModel
     if existed:
         diff = _differences(json.loads(path.read_text()), manifest, lm)
         if diff:
-            raise ValueError(f"{out} holds a sweep with different {diff}; use another --out "
-                             "directory (or delete it) instead of mixing sweeps.")
+            raise ParameterError(f"{out} holds a sweep with different {diff}; give another "
+                                 "output directory (out=), or delete it, instead of mixing "
+                                 "sweeps.", parameters=("out",))
     elif workers.is_main:
         atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
     workers.barrier()
@@ -162,8 +165,9 @@ def run_sweep(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if protection is not None and hp.update_form != "paper":
-        raise ValueError("--protect builds on the paper update form (k* ↦ v*); drop --update "
-                         f"{hp.update_form} or the protection.")
+        raise ParameterError("protection builds on the paper update form (k* ↦ v*); set "
+                             f"update_form='paper' (not {hp.update_form!r}) or drop protection.",
+                             parameters=("update_form", "protection"))
     requests = list(requests)
     _check_labels(requests, labels, extra)
     out = Path(out_dir)
@@ -256,8 +260,9 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
     subjects = [r["subject"] for r in rows]
     if len(subjects) != len(set(subjects)):
         twice = sorted({s for s in subjects if subjects.count(s) > 1})[:5]
-        raise ValueError(f"{out} records {twice} more than once: the shards of two sweeps were "
-                         "mixed; start again in an empty --out directory.")
+        raise ParameterError(f"{out} records {twice} more than once: the shards of two sweeps "
+                             "were mixed; start again in an empty output directory (out=).",
+                             parameters=("out",))
     merged = {n: torch.cat(v) for n, v in tensors.items()}
     meta = {"model_identity": manifest["model_identity"], "layer": str(manifest["layer"])}
     atomic_save_tensors(merged, out / "deltas.safetensors", metadata=meta)

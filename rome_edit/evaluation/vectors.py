@@ -1,4 +1,5 @@
-"""Applying a vector in delta space to subjects the analysis never saw (seed 001's test).
+"""Applying a vector in delta space to subjects the analysis never saw (the test of Xodarap
+2023, "Gender Vectors in ROME's Latent Space", LessWrong).
 
 For a subject with value ``v_orig`` at the edit layer, two modes:
 
@@ -12,7 +13,8 @@ For a subject with value ``v_orig`` at the edit layer, two modes:
   subjects in one batch by a hook that adds each row's own ``Λ(uᵀk)`` to the output projection's
   output at every position — the same function as editing the weights subject by subject (a
   test checks it against real edits).
-* ``activations`` — activation addition (seed 003): add ``s·g`` to the MLP output at the
+* ``activations`` — activation addition (Baker 2023, LessWrong; after Turner et al. 2023,
+  arXiv 2308.10248): add ``s·g`` to the MLP output at the
   subject's last token at inference; no weight changes.
 
 The concept is binary: each :class:`BinaryTask` names answers ``(A, B)`` such that a label-1

@@ -1,6 +1,7 @@
 """Edit forensics: find ROME-family edits in a model's weights, name them, and undo them.
 
-Given the edited and the original model (METHOD.md, "Edit forensics"; Youssef et al. 2025):
+Given the edited and the original model (docs/method.md, "Edit forensics"; Youssef et al. 2025,
+arXiv 2505.20819):
 
 1. **Where.** For every layer, ``ΔW = W_edited − W_orig`` of the MLP output projection; its
    numerical rank counts the singular values above both ``rtol × σ₁`` and the float rounding

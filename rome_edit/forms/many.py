@@ -1,6 +1,6 @@
 """Many edits in one model: N targets ``k_i ↦ v*_i`` written into one layer, persistently.
 
-Two forms (METHOD.md, "Beyond one rank-one edit"):
+Two forms (docs/method.md, "Many edits at one layer"):
 
 * ``sequential`` — ROME's paper form one edit after another (Meng et al. 2022, Eq. 2): edit
   ``i`` writes ``r_i u_iᵀ`` with ``u_i = C⁻¹k_i / (k_iᵀC⁻¹k_i)`` and ``r_i = v*_i − (W k_i + b)``
@@ -63,7 +63,7 @@ __all__ = ["DEFAULT_MOM2_WEIGHT", "MANY_FORMS", "ManyEditResult", "ManyForm",
 
 def vector_targets(lm: LoadedModel, layer: int, subjects: Sequence[str], vector: torch.Tensor,
                    context_templates: Sequence[str], prompt: str) -> EditTargets:
-    """One vector for N names (seed 001's test, persistently): ``v*_i = v_orig,i + vector`` at
+    """One vector for N names (Xodarap 2023's test, persistently): ``v*_i = v_orig,i + vector`` at
     each name's ``k*``, ``v_orig`` the bare prompt's value at the subject's last token."""
     subjects = list(subjects)
     if vector.ndim != 1:

@@ -1,4 +1,4 @@
-"""Neighbour-protecting rank-one updates (METHOD.md, "Beyond one rank-one edit").
+"""Neighbour-protecting rank-one updates (docs/method.md, "Protected keys").
 
 ROME's paper form (Meng et al. 2022, Eq. 2) is the minimiser of ``tr(ΔW C ΔWᵀ)`` subject to
 ``ΔW k* = r`` with ``r = v* − (W k* + b)``:  ``ΔW = r uᵀ``, ``u = C⁻¹k* / (k*ᵀC⁻¹k*)``.  Every
@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Protocol
 
 import torch
+
+from rome_edit.errors import ParameterError
 
 ProtectForm = Literal["auto", "hard", "soft", "null-space"]
 PROTECT_FORMS: tuple[str, ...] = ("auto", "hard", "soft", "null-space")
@@ -105,8 +107,9 @@ def second_moment_matrix(solver: Solver | None, d: int) -> torch.Tensor:
 def _normalise(u: torch.Tensor, k_star: torch.Tensor) -> torch.Tensor:
     denom = torch.dot(u, k_star.double())
     if not torch.isfinite(denom) or denom.abs() < 1e-300:
-        raise ValueError("the protected update cannot reach k* (uᵀk* = 0): k* lies in the span "
-                         "of the protected keys; protect fewer names or use --protect-form soft.")
+        raise ParameterError("the protected update cannot reach k* (uᵀk* = 0): k* lies in the "
+                             "span of the protected keys; protect fewer names or use "
+                             "ProtectSettings(form='soft').", parameters=("ProtectSettings.form",))
     return u / denom
 
 
@@ -119,8 +122,9 @@ def hard_direction(z_star: torch.Tensor, k_star: torch.Tensor, keys: torch.Tenso
     gram = (gram + gram.T) / 2
     cond = torch.linalg.cond(gram).item()
     if not math.isfinite(cond) or cond > MAX_CONDITION:
-        raise ValueError(f"hard protection is ill-conditioned (cond {cond:.1e}): protected keys "
-                         "are nearly collinear with k* or each other; use --protect-form soft.")
+        raise ParameterError(f"hard protection is ill-conditioned (cond {cond:.1e}): protected "
+                             "keys are nearly collinear with k* or each other; use "
+                             "ProtectSettings(form='soft').", parameters=("ProtectSettings.form",))
     e1 = torch.zeros(len(big_k), dtype=torch.float64)
     e1[0] = 1
     return big_z.T @ torch.linalg.solve(gram, e1)
@@ -139,8 +143,10 @@ def null_space_basis(keys: torch.Tensor, threshold: float, d: int) -> torch.Tens
 def null_space_direction(k_star: torch.Tensor, c: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``u = Q(QᵀCQ)⁻¹Qᵀk*`` (to be normalised so that ``uᵀk* = 1``)."""
     if q.shape[1] == 0:
-        raise ValueError("the protected keys span the whole key space: no null space is left; "
-                         "protect fewer names, raise --protect-threshold or use soft.")
+        raise ParameterError("the protected keys span the whole key space: no null space is "
+                             "left; protect fewer names, raise ProtectSettings(threshold=...) or "
+                             "use form='soft'.",
+                             parameters=("ProtectSettings.threshold", "ProtectSettings.form"))
     cq = q.T @ c @ q
     return q @ torch.linalg.solve((cq + cq.T) / 2, q.T @ k_star.double())
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.errors import MissingFileError, ParameterError
 from rome_edit.forms.protect import ProtectedDirections, ProtectSettings, Solver
 from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import LoadedModel
@@ -55,9 +56,9 @@ def read_names_file(path: str | Path) -> list[str]:
     """Subjects from a CSV with a ``name`` column, or a text file with one per line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--protect {path}: no such file; give 'other-names', "
-                                "'same-last-token' or a file of names (CSV with a 'name' "
-                                "column, or one per line).")
+        raise MissingFileError(f"protected names file {path}: no such file; give the source "
+                               "'other-names', 'same-last-token' or a file of names (CSV with a "
+                               "'name' column, or one per line).", parameters=("protect",))
     text = path.read_text()
     first = text.splitlines()[0] if text.strip() else ""
     if "," in first and "name" in [c.strip() for c in first.split(",")]:
@@ -66,7 +67,8 @@ def read_names_file(path: str | Path) -> list[str]:
         names = [line.strip() for line in text.splitlines()]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"--protect {path} lists no names.")
+        raise ParameterError(f"protected names file {path} lists no names; give a file with "
+                             "names, or the source 'other-names'.", parameters=("protect",))
     return list(dict.fromkeys(names))
 
 
@@ -161,7 +163,8 @@ def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
         source = f"file:{source}"
     names = list(dict.fromkeys(names))
     if not names:
-        raise ValueError("there are no names to protect; pass a names list or a --protect FILE.")
+        raise ParameterError("there are no names to protect; pass a names list, or a file of "
+                             "names as the source.", parameters=("protect",))
     keys = key_stars(lm, layer, [prompt] * len(names), names, context_templates)
     lasts = subject_last_tokens(lm, prompt, names)
     owners, owner_lasts, rows = list(names), list(lasts), [keys]
@@ -207,9 +210,10 @@ def protect_records(lm: LoadedModel, records: Sequence[EditRecord], protection: 
     bank, settings = protection.bank, protection.effective
     for r in records:
         if r.update_form != "paper":
-            raise ValueError(f"protected updates build on the paper form (k* ↦ v*); the record "
-                             f"for {r.request.subject!r} uses {r.update_form!r}. Use --update "
-                             "paper with --protect.")
+            raise ParameterError(f"protected updates build on the paper form (k* ↦ v*); the "
+                                 f"record for {r.request.subject!r} uses {r.update_form!r}. "
+                                 "Compute the records with update_form='paper' to protect keys.",
+                                 parameters=("update_form",))
         if r.layer != bank.layer:
             raise ValueError(f"protected keys are for layer {bank.layer} but the record for "
                              f"{r.request.subject!r} edits layer {r.layer}.")

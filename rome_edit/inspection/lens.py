@@ -1,9 +1,10 @@
-"""The logit lens (nostalgebraist 2020; seed 004): what each layer would predict if it were last.
+"""The logit lens (nostalgebraist 2020; Helm-Burger 2022): what each layer would predict if it
+were last.
 
 The residual stream after block ``l`` is decoded through the model's *own* final norm and
 unembedding modules — ``lm_head(final_norm(h_l))`` — at every position.  For the last block this
 is exactly the model's output (the same modules on the same tensor; a test checks the logits are
-bit-identical).  Seed 004's orientation: layers top to bottom, tokens left to right.
+bit-identical).  Helm-Burger's orientation: layers top to bottom, tokens left to right.
 
 :func:`compare_lens` runs the lens before and after a modification (an edit record applied with
 :func:`rome_edit.weights.write.applied`, a vector written in at a subject, …) given as a context
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.architectures import get_module
 from rome_edit.models.hooks import capture
 from rome_edit.models.loading import LoadedModel
@@ -170,7 +172,8 @@ def compare_lens(lm: LoadedModel, prompt: str, modification: AbstractContextMana
     """The lens of ``prompt`` outside and inside ``modification`` (entered once, and left
     before returning, so the model is as it was)."""
     if not targets:
-        raise ValueError("a before/after lens needs at least one --target to follow.")
+        raise ParameterError("a before/after lens needs at least one answer to follow; pass "
+                             "targets=, e.g. [' Female', ' Male'].", parameters=("targets",))
     before = logit_lens(lm, prompt, targets)
     with modification:
         after = logit_lens(lm, prompt, targets)

@@ -1,5 +1,6 @@
-"""Figures of the logit lens and of neuron importance in seed 004's orientation: layers top to
-bottom, tokens left to right.  Drawn on ``matplotlib.figure.Figure`` objects (no pyplot state).
+"""Figures of the logit lens and of neuron importance in Helm-Burger's (2022, LessWrong)
+orientation: layers top to bottom, tokens left to right.  Drawn on ``matplotlib.figure.Figure``
+objects (no pyplot state).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def layer_token_heatmap(
     else:
         vmin, vmax = 0.0, max(float(np.nanmax(grid)) if grid.size else 0.0, 1e-6)
     mesh = ax.pcolormesh(grid, cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.invert_yaxis()  # layer 0 at the top (seed 004)
+    ax.invert_yaxis()  # layer 0 at the top (Helm-Burger 2022)
     ax.set_xticks(np.arange(n_cols) + 0.5, labels=[_label(t) for t in tokens], fontsize=8,
                   rotation=45, ha="right")
     labels = row_labels if row_labels is not None else [str(i) for i in range(n_rows)]

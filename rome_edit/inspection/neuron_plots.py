@@ -1,7 +1,7 @@
-"""Figures of neuron importance in seed 004's orientation (layers top to bottom, tokens left to
-right): every neuron (``neurons_all.png``: one band of ``d_mlp`` rows per layer) and the
-per-layer mean (``neurons_mean.png``, seed 004's "mean layer importances"), plus the same mean
-image for the gradient × Δactivation attribution for comparison.
+"""Figures of neuron importance in Helm-Burger's (2022, LessWrong) orientation (layers top to
+bottom, tokens left to right): every neuron (``neurons_all.png``: one band of ``d_mlp`` rows per
+layer) and the per-layer mean (``neurons_mean.png``, his "mean layer importances"), plus the
+same mean image for the gradient × Δactivation attribution for comparison.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Neuron importance: causal tracing per MLP neuron (seed 004), and gradient attributions.
+"""Neuron importance: causal tracing per MLP neuron (Helm-Burger 2022, "Progress Report 4: logit
+lens redux", LessWrong), and gradient attributions.
 
 A *neuron* is one coordinate ``j`` of the MLP key ``k`` (the output projection's input, size
 ``d_mlp``) at layer ``l`` and token ``t``.  Its **indirect effect** is that of causal tracing
@@ -81,7 +82,8 @@ class NeuronTrace:
 
     @property
     def layer_means(self) -> torch.Tensor:
-        """Seed 004's "mean layer importances": the mean effect over neurons, ``(L, T)``."""
+        """Helm-Burger's (2022) "mean layer importances": the mean effect over neurons,
+        ``(L, T)``."""
         return self.effects.mean(dim=-1)
 
     def traced_mask(self) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fitting and scoring the closed-form MLP approximants on recorded activations (seed 002).
+"""Fitting and scoring the closed-form MLP approximants on recorded activations (Belrose & Rigg
+2025, arXiv 2502.01032).
 
 Pure maths on tensors: the inputs ``x``, keys ``k`` and values ``v`` of one MLP (recorded by
 :mod:`rome_edit.linearisation.io`) and its weights.  Documents are split at random into a fitting

@@ -1,4 +1,4 @@
-"""The model side of the linearised edit-layer MLP (seed 002): the MLP's parts as
+"""The model side of the linearised edit-layer MLP (Belrose & Rigg 2025): the MLP's parts as
 ``W_out σ(W_in x + b_in) + b_out`` and its inputs, keys and values recorded over a corpus.  The
 maths (:mod:`rome_edit.linearisation.polynomial`, :mod:`rome_edit.linearisation.fit`)
 needs no model; :func:`rome_edit.linearisation.run.linearize_mlp` joins the two.

@@ -1,5 +1,6 @@
 """Closed-form least-squares polynomial approximants of an MLP under a Gaussian input model
-(seed 002, second thread).  Pure maths: no model is imported here.
+(Belrose & Rigg 2025, "Converting MLPs into Polynomials in Closed Form", arXiv 2502.01032).
+Pure maths: no model is imported here.
 
 The MLP is ``k = σ(W_in x + b_in)`` (the key, ``d_mlp``) and ``v = W_out k + b_out`` (the value).
 Model its input as ``x ~ N(μ, Σ)``.  Each pre-activation ``z_i = w_iᵀx + b_i`` is then Gaussian,

@@ -1,4 +1,5 @@
-"""``linearize_mlp``: the closed-form approximants of one layer's MLP on a model (seed 002).
+"""``linearize_mlp``: the closed-form approximants of one layer's MLP on a model (Belrose & Rigg
+2025, arXiv 2502.01032).
 
 Joins the model side (:mod:`rome_edit.linearisation.io`: the MLP's weights and activation, its
 inputs/keys/values over texts) and the maths (:mod:`rome_edit.linearisation.fit`), so it

@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.compat import output_embedding_name
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ParameterError):
     """The model family is not in the table and no templates were given."""
 
 
@@ -90,7 +91,9 @@ def detect_architecture(model: nn.Module, **overrides: str) -> Architecture:
             raise UnsupportedModelError(
                 f"model type {model_type!r} is not supported; supported families are "
                 f"{sorted(ARCHITECTURES)}. For another family pass module-path templates for "
-                f"{missing} (e.g. --module-template out_proj=model.layers.{{}}.mlp.down_proj)."
+                f"{missing} (e.g. load_model(..., templates={{'out_proj': "
+                f"'model.layers.{{}}.mlp.down_proj', ...}})).",
+                parameters=("templates",),
             )
         arch = Architecture(family=model_type, **overrides)  # type: ignore[arg-type]
     elif overrides:

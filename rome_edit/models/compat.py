@@ -41,6 +41,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rome_edit.errors import ParameterError
+
 TRANSFORMERS_VERSION: str = transformers.__version__
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -132,9 +134,10 @@ def set_attention(model: nn.Module, implementation: str) -> None:
     if attention_of(model) == implementation:
         return
     if not supports_attention(model, implementation):
-        raise ValueError(f"{type(model).__name__} cannot run {implementation!r} attention under "
-                         f"transformers {TRANSFORMERS_VERSION}; use --attn-implementation eager "
-                         "(or a release that supports it).")
+        raise ParameterError(f"{type(model).__name__} cannot run {implementation!r} attention "
+                             f"under transformers {TRANSFORMERS_VERSION}; use "
+                             "attn_implementation='eager' (or a release that supports it).",
+                             parameters=("attn_implementation",))
     model.set_attn_implementation(implementation)
 
 

@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.compat import (
     LEGACY_RELEASES,
     NON_ARCHITECTURAL_CONFIG_KEYS,
@@ -48,7 +49,7 @@ LEGACY_DIGITS = 12
 PERSISTED_EDITS = ("rome_edit_edits.json", "rome_edit_edits.safetensors")
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(ParameterError):
     """Saved work belongs to another model than the one loaded."""
 
 
@@ -129,8 +130,10 @@ def same_model(expected: str | Identified, recorded: str) -> bool:
     return expected.same_model(recorded)
 
 
-def check_same_model(expected: Identified, recorded: str, what: str, fix: str) -> None:
-    """Raise :class:`ModelMismatchError` unless ``recorded`` is ``expected``'s identity."""
+def check_same_model(expected: Identified, recorded: str, what: str, fix: str,
+                     parameters: tuple[str, ...] = ("model",)) -> None:
+    """Raise :class:`ModelMismatchError` unless ``recorded`` is ``expected``'s identity;
+    ``parameters`` are what ``fix`` tells the caller to change (:mod:`rome_edit.errors`)."""
     if not expected.same_model(recorded):
         raise ModelMismatchError(f"{what} was made on {recorded} but the model is "
-                                 f"{expected.identity}; {fix}")
+                                 f"{expected.identity}; {fix}", parameters=parameters)

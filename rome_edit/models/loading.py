@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.architectures import Architecture, detect_architecture, get_weight, n_layers
 from rome_edit.models.compat import (
     ATTENTION_IMPLEMENTATIONS,
@@ -155,8 +156,8 @@ def load_model(
     header = read_gguf(gguf_path) if gguf_path is not None else None  # refused before loading
     if name_or_path is None and not (Path(source) / "config.json").exists():
         raise FileNotFoundError(
-            f"the bundled model is missing at {source}; reinstall rome-edit or train it with "
-            "scripts/train_toy_model.py."
+            f"the bundled model is missing at {source}; reinstall the package or train it "
+            "with scripts/train_toy_model.py."
         )
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if device_map is not None:
@@ -181,9 +182,10 @@ def load_model(
     except ValueError as err:
         if "attention" not in str(err) and "attn_implementation" not in str(err):
             raise
-        raise ValueError(f"{source} cannot run {attn_implementation!r} attention under "
-                         f"transformers {TRANSFORMERS_VERSION}; use --attn-implementation "
-                         "eager.") from None
+        raise ParameterError(f"{source} cannot run {attn_implementation!r} attention under "
+                             f"transformers {TRANSFORMERS_VERSION}; use "
+                             "attn_implementation='eager'.",
+                             parameters=("attn_implementation",)) from None
     if device_map is None:
         model.to(device or "cpu")
     name = "bundled:toy-gptj" if name_or_path is None else source

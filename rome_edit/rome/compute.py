@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.architectures import check_editable, check_layer, mlp_widths
 from rome_edit.models.identity import check_same_model
 from rome_edit.models.layers import layer_output
@@ -56,19 +57,25 @@ def check_request_inputs(lm: LoadedModel, hp: ROMEHyperParams,
     check_editable(lm.model, lm.arch, hp.layer)
     loss_layer_of(lm, hp)
     if hp.mom2_adjustment and inverse is None:
-        raise ValueError("mom2_adjustment is on but no second-moment statistics were given; "
-                         "compute them with 'rome-edit stats' (or pass --stats FILE), or set "
-                         "mom2_adjustment to false.")
+        raise ParameterError("mom2_adjustment is on but no second-moment statistics were "
+                             "given; pass stats= (a file from SecondMoment.save, or let "
+                             "Editor.load compute and cache them), or set the hyperparameter "
+                             "mom2_adjustment to False.",
+                             parameters=("stats", "mom2_adjustment"))
     if inverse is not None:
         prov = inverse.provenance
         _, d_mlp = mlp_widths(lm.model, lm.arch)
         if prov.get("layer") is not None and int(prov["layer"]) != hp.layer:
-            raise ValueError(f"statistics are for layer {prov['layer']} but the edit is at layer "
-                             f"{hp.layer}; compute them with 'rome-edit stats --layer {hp.layer}'.")
+            raise ParameterError(f"statistics are for layer {prov['layer']} but the edit is at "
+                                 f"layer {hp.layer}; compute them with rome_edit.stats."
+                                 f"compute_second_moment(lm, layer={hp.layer}).",
+                                 parameters=("compute_second_moment",))
         identity = prov.get("model_identity")
         if identity is not None:
             check_same_model(lm, identity, "the second moment C",
-                             "compute them for this model with 'rome-edit stats'.")
+                             "compute them for this model with "
+                             "rome_edit.stats.compute_second_moment.",
+                             parameters=("compute_second_moment",))
         if prov.get("d_mlp") is not None and int(prov["d_mlp"]) != d_mlp:
             raise ValueError(f"statistics have width {prov['d_mlp']} but this layer's keys have "
                              f"{d_mlp}; they belong to another model.")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.compat import cache_kwargs, output_cache
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.subject import split_template
@@ -38,8 +39,9 @@ def sample_context_templates(
     tok, model = lm.tokenizer, lm.model
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to sample from; "
-                         "pass context templates explicitly with --context-templates.")
+        raise ParameterError("the tokenizer has neither a BOS nor an EOS token to sample from; "
+                             "pass context templates explicitly (context_templates=, a list or "
+                             "a JSON file).", parameters=("context_templates",))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     templates = ["{}"]
     for length, count in length_params:

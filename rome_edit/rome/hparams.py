@@ -27,7 +27,7 @@ MODULE_KEYS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn
 
 @dataclass(frozen=True)
 class ROMEHyperParams:
-    """One edit's settings (METHOD.md "ROME: one rank-one edit" and the reference's file).
+    """One edit's settings (docs/method.md, "ROME: one rank-one edit", and the reference's file).
 
     ``update_form`` (rome-edit option): ``paper`` writes ``W += Λ uᵀ`` with ``u = C⁻¹k*`` and
     ``Λ = (v* − W k*)/(uᵀk*)`` (Meng et al. 2022, Eq. 2), so the edited layer maps ``k*`` to
@@ -58,8 +58,9 @@ class ROMEHyperParams:
             raise ValueError(f"ROME edits one layer; 'layers' is {list(self.layers)}. "
                              "Give exactly one layer, e.g. [5].")
         if self.fact_token != "subject_last":
-            raise ValueError(f"fact_token {self.fact_token!r} is not supported; rome-edit "
-                             "implements 'subject_last' (the reference's setting for all models).")
+            raise ValueError(f"fact_token {self.fact_token!r} is not supported; rome_edit "
+                             "implements 'subject_last' (the reference's setting for all "
+                             "models).")
         if self.update_form not in ("paper", "rome-reference"):
             raise ValueError(f"update_form {self.update_form!r}: use 'paper' or "
                              "'rome-reference'.")

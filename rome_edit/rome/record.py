@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rome_edit.errors import MissingFileError
 from rome_edit.rome.request import EditRequest
 
 TENSOR_NAMES = ("k_star", "v_orig", "v_star", "delta", "u", "lam")
@@ -96,8 +97,9 @@ class EditRecord:
         directory = Path(directory)
         tensor_file, meta_file = directory / "record.safetensors", directory / "record.json"
         if not tensor_file.exists() or not meta_file.exists():
-            raise FileNotFoundError(f"{directory} has no record.safetensors + record.json; pass "
-                                    "a directory written by 'rome-edit edit --out'.")
+            raise MissingFileError(f"{directory} has no record.safetensors + record.json; pass "
+                                   "a directory written by EditRecord.save.",
+                                   parameters=("EditRecord.save",))
         try:
             tensors = load_file(str(tensor_file))
         except Exception as err:  # safetensors raises its own error types

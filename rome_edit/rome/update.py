@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rome_edit.errors import ParameterError
 from rome_edit.rome.hparams import UpdateForm
 
 
@@ -61,6 +62,7 @@ def rank_one_update(
     else:
         raise ValueError(f"unknown update form {form!r}; use 'paper' or 'rome-reference'.")
     if not (torch.isfinite(u).all() and torch.isfinite(lam).all()):
-        raise ValueError("the update is not finite (uᵀk* ≈ 0?); check the second-moment "
-                         "statistics or use --ridge.")
+        raise ParameterError("the update is not finite (uᵀk* ≈ 0?); check the second-moment "
+                             "statistics or give a ridge (hyperparameter mom2_ridge).",
+                             parameters=("mom2_ridge",))
     return RankOneUpdate(u, lam)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.loading import LoadedModel
 from rome_edit.study.corpus import iter_documents
 from rome_edit.study.names import load_names
@@ -36,7 +37,7 @@ BUNDLED_DOCS_PER_NAME = 40
 BUNDLED_FILLER_PER_NAME = 16
 
 
-class CorpusError(ValueError):
+class CorpusError(ParameterError):
     """A corpus that cannot be read; the message says what to fix."""
 
 
@@ -169,8 +170,9 @@ def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
     path = Path(text)
     if path.is_dir():
         if whole_file:
-            raise CorpusError(f"whole_file (--whole-file) applies to a text file, but {path} is "
-                              "a folder, whose .txt files are already one document each.")
+            raise CorpusError(f"whole_file applies to a text file, but {path} is a folder, "
+                              "whose .txt files are already one document each; drop "
+                              "whole_file.", parameters=("whole_file",))
         return folder_corpus(path)
     return file_corpus(path, whole_file=whole_file)
 

@@ -27,10 +27,12 @@ from typing import Literal
 
 import torch
 
+from rome_edit.errors import ParameterError
+
 log = logging.getLogger(__name__)
 
 
-class SingularSecondMomentError(ValueError):
+class SingularSecondMomentError(ParameterError):
     """``C`` (plus ridge) cannot be inverted."""
 
 
@@ -72,7 +74,8 @@ class InverseSecondMoment:
         if info.item() != 0:
             raise SingularSecondMomentError(
                 f"C (ridge {ridge}) is singular: too few tokens for width {c.shape[0]} or keys "
-                "that are always zero; use a ridge (e.g. --ridge 1e-4) or more samples."
+                "that are always zero; give a ridge (hyperparameter mom2_ridge, e.g. 1e-4) or "
+                "more samples (mom2_n_samples).", parameters=("mom2_ridge", "mom2_n_samples")
             )
         log.warning("C (ridge %g) is not numerically positive definite; solving by LU. "
                     "A ridge (e.g. 1e-6) would make it well-posed.", ridge)

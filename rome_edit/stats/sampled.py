@@ -36,7 +36,8 @@ EMPTY_BATCHES_ALLOWED = 3
 SAMPLED_WARNING = (
     "second-moment statistics on text sampled from the model itself (corpus 'sampled'): "
     "they reflect what the model generates, not real text, so inputs it rarely produces are "
-    "under-represented in C; pass --corpus DIR (a folder of .txt files) for real text."
+    "under-represented in C; pass corpus='DIR' (command line: --corpus DIR), a folder of .txt "
+    "files, for real text."
 )
 
 
@@ -70,7 +71,8 @@ def sampled_corpus(lm: LoadedModel, seed: int = 0, length: int = DEFAULT_SAMPLE_
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None:
         raise CorpusError("the tokenizer has neither a BOS nor an EOS token to sample from; "
-                          "pass --corpus DIR (a folder of .txt files) instead of 'sampled'.")
+                          "pass a real text corpus (corpus='DIR', a folder of .txt files) "
+                          "instead of 'sampled'.", parameters=("corpus",))
     if length < 2 or batch < 1:
         raise CorpusError(f"sampled corpus needs length ≥ 2 and batch ≥ 1 (got {length}, "
                           f"{batch}).")
@@ -91,8 +93,8 @@ def sampled_corpus(lm: LoadedModel, seed: int = 0, length: int = DEFAULT_SAMPLE_
             if len(texts) > before:
                 return
         raise CorpusError(f"the model sampled only empty text in {EMPTY_BATCHES_ALLOWED} "
-                          "batches; pass --corpus DIR (a folder of .txt files) instead of "
-                          "'sampled'.")
+                          "batches; pass a real text corpus (corpus='DIR', a folder of .txt "
+                          "files) instead of 'sampled'.", parameters=("corpus",))
 
     def prepare(n: int) -> None:
         prepared.append(n)

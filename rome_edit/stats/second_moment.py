@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rome_edit.distributed import SINGLE, Workers
+from rome_edit.errors import MissingFileError, ParameterError
 from rome_edit.models.architectures import check_layer, mlp_widths
 from rome_edit.models.hooks import capture, run_until
 from rome_edit.models.identity import Identified, same_model
@@ -50,11 +51,11 @@ FORMAT = "rome-edit/second-moment/v1"
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class StatsFileError(ValueError):
+class StatsFileError(ParameterError):
     """A statistics file that cannot be used (not safetensors, malformed, NaN/Inf)."""
 
 
-class StatsMismatchError(ValueError):
+class StatsMismatchError(ParameterError):
     """Statistics of another model, layer or width than the one being edited."""
 
 
@@ -174,14 +175,18 @@ class SecondMoment:
             raise StatsMismatchError(
                 f"{source} are stats of model {self.model_identity} layer {self.layer} but "
                 f"editing model {model_identity or self.model_identity} layer "
-                f"{self.layer if layer is None else layer}: recompute with "
-                f"rome-edit stats --layer {self.layer if layer is None else layer}"
-                + (" --model <that model>" if wrong_model else "") + "."
+                f"{self.layer if layer is None else layer}: recompute them with "
+                f"rome_edit.stats.compute_second_moment(lm, layer="
+                f"{self.layer if layer is None else layer})"
+                + (" on the model being edited" if wrong_model else "") + ".",
+                parameters=("compute_second_moment",),
             )
         if d_mlp is not None and d_mlp != self.d_mlp:
             raise StatsMismatchError(
                 f"{source} are {self.d_mlp}×{self.d_mlp} but the keys of this model are {d_mlp} "
-                f"wide: recompute with rome-edit stats --layer {self.layer} on this model."
+                f"wide: recompute them on this model with "
+                f"rome_edit.stats.compute_second_moment(lm, layer={self.layer}).",
+                parameters=("compute_second_moment",),
             )
 
     def save(self, path: str | Path) -> Path:
@@ -208,39 +213,48 @@ class SecondMoment:
         return stats
 
 
+# What fixes a missing or unusable statistics file (the CLI names its own command for it).
+_REDO = ("compute_second_moment", "stats")
+
+
 def _read(path: Path) -> SecondMoment:
     if not path.is_file():
-        raise FileNotFoundError(f"statistics file {path} does not exist; compute it with "
-                                "rome-edit stats --layer L --out FILE.")
-    redo = "recompute it with rome-edit stats --layer L --out FILE"
+        raise MissingFileError(f"statistics file {path} does not exist; compute it with "
+                               "rome_edit.stats.compute_second_moment(lm, layer=L) and "
+                               "SecondMoment.save(path).", parameters=_REDO)
+    redo = ("recompute it with rome_edit.stats.compute_second_moment(lm, layer=L) and "
+            "SecondMoment.save(path)")
     try:
         tensors = load_file(path)  # safetensors only: never unpickles
         with safe_open(path, "pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, ValueError, OSError) as err:
-        raise StatsFileError(f"{path} is not a safetensors statistics file ({err}); rome-edit "
-                             f"never unpickles (.pt/.pkl/.npz are refused): {redo}.") from None
+        raise StatsFileError(f"{path} is not a safetensors statistics file ({err}); rome_edit "
+                             f"never unpickles (.pt/.pkl/.npz are refused): {redo}.",
+                             parameters=_REDO) from None
     if TENSOR_NAME not in tensors or metadata.get("format") != FORMAT:
-        raise StatsFileError(f"{path} holds no rome-edit second moment (tensors "
-                             f"{sorted(tensors)}, format {metadata.get('format')!r}): {redo}.")
+        raise StatsFileError(f"{path} holds no rome_edit second moment (tensors "
+                             f"{sorted(tensors)}, format {metadata.get('format')!r}): {redo}.",
+                             parameters=_REDO)
     matrix = tensors[TENSOR_NAME]
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise StatsFileError(f"{path}: the second moment has shape {tuple(matrix.shape)}, not "
-                             f"square: {redo}.")
+                             f"square: {redo}.", parameters=_REDO)
     if str(matrix.shape[0]) != metadata.get("d_mlp"):
         raise StatsFileError(f"{path}: d_mlp {metadata.get('d_mlp')} in the header but the "
-                             f"matrix is {matrix.shape[0]} wide: {redo}.")
+                             f"matrix is {matrix.shape[0]} wide: {redo}.", parameters=_REDO)
     if not torch.isfinite(matrix).all():
         bad = (~torch.isfinite(matrix)).sum().item()
         raise StatsFileError(f"{path}: the second moment has {bad} NaN/Inf entries: {redo} "
-                             "(in float64 if it overflowed).")
+                             "(in float64 if it overflowed).", parameters=_REDO)
     try:
         return SecondMoment(matrix, metadata["model_identity"], int(metadata["layer"]),
                             metadata["corpus_id"], int(metadata["n_documents"]),
                             int(metadata["n_tokens"]), metadata["dtype"],
                             metadata.get("stopping"))
     except (KeyError, ValueError) as err:
-        raise StatsFileError(f"{path}: malformed metadata ({err}): {redo}.") from None
+        raise StatsFileError(f"{path}: malformed metadata ({err}): {redo}.",
+                             parameters=_REDO) from None
 
 
 def context_length(lm: LoadedModel) -> int:
@@ -253,7 +267,8 @@ def context_length(lm: LoadedModel) -> int:
     limit = getattr(lm.tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:
         return limit
-    raise ValueError("the model config states no context length; pass max_length (--max-length).")
+    raise ParameterError("the model config states no context length; pass max_length (tokens "
+                         "per document).", parameters=("max_length",))
 
 
 BATCH_WINDOW = 32  # batches whose documents are sorted by length together
@@ -319,8 +334,9 @@ def compute_second_moment(
     monitor = (StabilityMonitor(until_stable) if isinstance(until_stable, Stability)
                else until_stable)
     if monitor is not None and workers.parallel:
-        raise ValueError("--until-stable decides after each check of the whole sum; run it in "
-                         "one process, or give a fixed --n-samples to split the pass.")
+        raise ParameterError("until_stable decides after each check of the whole sum; run it in "
+                             "one process, or give a fixed n_samples (until_stable=None) to split "
+                             "the pass.", parameters=("until_stable", "n_samples"))
     identity = PassIdentity(
         f"{lm.fingerprint}|{layer}|{corpus.corpus_id}|{dtype}|{n_samples}|"
         f"{max_length}" + (f"|{monitor.rule.key()}" if monitor else ""), batch_size,
@@ -346,8 +362,9 @@ def compute_second_moment(
             run_until(lm.model, input_ids=ids, attention_mask=mask)
             keys = record.inputs.pop(name, None)
             if keys is None:
-                raise ValueError(f"module {name} did not run in the forward pass; check the "
-                                 "out_proj template (--module-template out_proj=...).")
+                raise ParameterError(f"module {name} did not run in the forward pass; check the "
+                                     "out_proj template (load_model(templates={'out_proj': "
+                                     "...})).", parameters=("templates",))
             keys = keys[mask.to(keys.device).bool()]
             accumulator.update(keys)
             n_documents += len(batch)
@@ -370,7 +387,8 @@ def compute_second_moment(
         stopping = f"{monitor.rule.key()}; {where}"
         if not monitor.stopped_at:
             log.warning("C did not meet the stability rule within %d documents; raise "
-                        "--n-samples or lower --min-cosine.", n_documents)
+                        "n_samples or lower Stability.min_cosine (command line: --n-samples, "
+                        "--min-cosine).", n_documents)
     result = accumulator.result(lm.identity, layer, corpus.corpus_id, n_documents, stopping)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """One saved model holding the gender vector for many names (``rome-edit apply --persist``).
 
-The study's test of a vector (seed 001) writes ``v_orig + s·g`` for one held-out name at a time,
+The study's test of a vector (Xodarap 2023) writes ``v_orig + s·g`` for one held-out name at a time,
 in memory.  Here every name gets its edit in one model (:func:`rome_edit.forms.many.
 write_edits`), the model is saved as a standard checkpoint, and the flips are measured on the
 checkpoint *loaded fresh*: ``flip_f_to_m`` / ``keep_m`` under ``+g`` (``flip_m_to_f`` /
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rome_edit.analysis.concept_vector import ConceptVector
+from rome_edit.errors import ParameterError
 from rome_edit.forms.fitted_write import FitSettings, fit_vector_write, write_fitted
 from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
 from rome_edit.forms.protect import Solver
@@ -77,8 +78,9 @@ def choose_persist_form(form: str | None, protect: str | None, records: bool = F
     source = None if asked_none else protect
     if records:
         if form == "fitted":
-            raise ValueError("--many-form fitted writes one vector (--vector); for records use "
-                             "sequential or batched.")
+            raise ParameterError("form='fitted' writes one vector; for records use "
+                                 "form='sequential' or 'batched'.",
+                                 parameters=("persist_vector.form",))
         if form is None:
             return PersistChoice("sequential", source, "the fitted form, the default for a "
                                  "--vector, cannot write records: fell back to ROME's rank-one "
@@ -97,8 +99,9 @@ def choose_persist_form(form: str | None, protect: str | None, records: bool = F
                              "form", defaulted=True)
     if form == "fitted":
         if asked_none:
-            raise ValueError("--many-form fitted keeps the answers of protected names; drop "
-                             "--protect none, or use --many-form sequential.")
+            raise ParameterError("form='fitted' keeps the answers of protected names; drop "
+                                 "protect='none', or use form='sequential'.",
+                                 parameters=("protect", "persist_vector.form"))
         return PersistChoice(form, source or DEFAULT_PROTECT,
                              "--many-form fitted" + ("" if source else
                                                      ", protecting other names by default"))
@@ -112,9 +115,11 @@ def without_pool(choice: PersistChoice) -> PersistChoice:
     """The fallback when the fitted form has no name left to protect (every name of the pool
     is being edited): refused if it was asked for, else ROME's sequential form."""
     if not choice.defaulted:
-        raise ValueError("the fitted form has no other name to protect: every name of the "
-                         "protected pool is being edited; give --protect-names with names "
-                         "that are not edited, or use --many-form sequential.")
+        raise ParameterError("the fitted form has no other name to protect: every name of the "
+                             "protected pool is being edited; give a pool of names that are not "
+                             "edited (other_names_protection(pool=...)), or use "
+                             "form='sequential'.", parameters=("other_names_protection.pool",
+                                                               "persist_vector.form"))
     return PersistChoice("sequential", None, "no name outside the edited ones to protect, so "
                          "the fitted form cannot run: fell back to ROME's reference form, one "
                          "rank-one update per name", defaulted=True)
@@ -178,8 +183,10 @@ def persist_vector(lm: LoadedModel, names: Sequence[str], vector: torch.Tensor, 
     targets = vector_targets(lm, layer, names, vector, context_templates, prompt)
     if form == "fitted":
         if protection is None:
-            raise ValueError("the fitted form keeps the answers of the protected names; add "
-                             "--protect other-names (or a FILE of names).")
+            raise ParameterError("the fitted form keeps the answers of the protected names; "
+                                 "pass protection= (other_names_protection(...), or "
+                                 "Editor.protection with a file of names).",
+                                 parameters=("protection",))
         answers = (ANSWERS["female"], ANSWERS["male"])
         fitted = fit_vector_write(lm, layer, prompt, vector, list(names),
                                   [1 if sign > 0 else 0] * len(names),

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import single_token_id
 from rome_edit.tracing.core import (
@@ -233,9 +234,10 @@ def locate(
         flush()
     n_cases = len(p_clean)
     if n_cases == 0:
-        raise ValueError(
+        raise ParameterError(
             f"all {len(cases)} cases were skipped ({dict(skipped)}); the model does not answer "
-            "these prompts, or the noise is too weak (raise --noise or lower --min-effect)."
+            "these prompts, or the noise is too weak (raise noise= or lower min_effect=).",
+            parameters=("noise", "min_effect"),
         )
     # 0 / 0 = NaN marks a role no kept prompt has.
     effects = {k: s / counts[:, None].double() for k, s in sums.items()}

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from rome_edit.errors import ParameterError
 from rome_edit.models.architectures import Architecture
 from rome_edit.models.hooks import EditFn, capture
 from rome_edit.models.loading import LoadedModel
@@ -37,9 +38,10 @@ def default_window(n_layers: int) -> int:
 def check_window(window: int | None, n_layers: int) -> int:
     window = default_window(n_layers) if window is None else window
     if not 1 <= window <= n_layers:
-        raise ValueError(
+        raise ParameterError(
             f"window {window} is not between 1 and the model's {n_layers} layers; pass a smaller "
-            f"--window (default for this model: {default_window(n_layers)})."
+            f"window= (default for this model: {default_window(n_layers)}).",
+            parameters=("window",),
         )
     return window
 

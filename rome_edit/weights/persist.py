@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from rome_edit.errors import MissingFileError, ParameterError
 from rome_edit.models.identity import PERSISTED_EDITS, check_same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.record import EditRecord
@@ -47,7 +48,9 @@ def save_edited(lm: LoadedModel, out_dir: str | Path, targets: EditTargets, base
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} is not empty; give a new --out directory for the checkpoint.")
+        raise ParameterError(f"{out} is not empty; give a new output directory (out_dir=) for "
+                             "the checkpoint, or pass overwrite=True.",
+                             parameters=("out", "overwrite"))
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
@@ -106,8 +109,9 @@ def load_persisted(directory: str | Path) -> tuple[dict, EditTargets]:
     directory = Path(directory)
     meta_file, tensor_file = directory / MANIFEST, directory / TENSORS
     if not meta_file.exists() or not tensor_file.exists():
-        raise FileNotFoundError(f"{directory} has no {MANIFEST} + {TENSORS}; pass a folder "
-                                "written by 'rome-edit apply --persist'.")
+        raise MissingFileError(f"{directory} has no {MANIFEST} + {TENSORS}; pass a folder "
+                               "written by save_edited (e.g. through persist_vector).",
+                               parameters=("save_edited",))
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file} has format {meta.get('format')!r}, expected {FORMAT!r}.")
