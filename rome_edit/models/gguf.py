@@ -181,7 +181,7 @@ def _parse(data: mmap.mmap, sizes: dict[int, tuple[int, int]]) -> tuple[str, int
         raise ValueError("no GGUF magic at the start")
     version, n_tensors, n_kv = header.take("I"), header.take("Q"), header.take("Q")
     if version not in (2, 3):
-        raise ValueError(f"GGUF version {version} (rome-edit reads 2 and 3)")
+        raise ValueError(f"GGUF version {version}; only versions 2 and 3 are supported")
     fields: dict[bytes, Any] = {}
     for _ in range(n_kv):
         key = header.string()

@@ -68,4 +68,6 @@ def layer_output(lm: LoadedModel, layer: int, keys: torch.Tensor) -> torch.Tenso
     current weights, in float32 on the CPU: the value ``W k + b`` a key reads."""
     module = get_module(lm.model, lm.arch.out_proj.format(layer))
     weight = module.weight
-    return module(keys.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+    assert isinstance(weight, torch.Tensor)  # an nn.Linear-like projection
+    out: torch.Tensor = module(keys.to(device=weight.device, dtype=weight.dtype))
+    return out.float().cpu()
