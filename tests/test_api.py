@@ -281,6 +281,13 @@ def test_second_concept_city_swap_on_the_bundled_model(tmp_path):
     assert table["flip_label1"] + table["flip_label0"] >= \
         result["control_weights"]["flip_label1"]["mean"] + \
         result["control_weights"]["flip_label0"]["mean"]
+    # every direction of the concept is judged against its control, with the recorded rates
+    verdicts = {v["key"]: v for v in result["verdict_weights"]}
+    for key in ("flip_label1", "flip_label0"):
+        assert verdicts[key]["rate"] == table[key]
+        assert verdicts[key]["control"] == result["control_weights"][key]["mean"]
+        assert verdicts[key]["verdict"] in ("informative", "weak", "uninformative")
+    assert "control_rates" in result["scale_curves"] and "best_informative_scale" in result
 
 
 def readme_python() -> str:

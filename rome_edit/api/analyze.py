@@ -5,7 +5,9 @@ Roger 2022, Belrose et al. 2023 and Baker 2023; docs/method.md, "References").
 2. the bounded box vector ``g``, scaled explicitly, saved as safetensors;
 3. candidate concept directions, their cosines and an erasure check;
 4. with a model and held-out subjects: every direction applied at the same norms (rank-one
-   weight edits, and activation addition), random directions of the same norm as the control;
+   weight edits, and activation addition), random directions of the same norm as the control,
+   and a verdict per direction of the concept (:mod:`rome_edit.analysis.flip_verdict`: a
+   direction the control already flips is *uninformative*, not a success);
 5. plots and ``analysis.json``.
 
 Steps 1–3 are :func:`rome_edit.analysis.report.analyze_deltas` (no model); step 4 uses
@@ -27,6 +29,7 @@ import torch
 
 from rome_edit.analysis.concept_vector import ScaleSpec
 from rome_edit.analysis.deltas import DeltaSet, load_delta_set
+from rome_edit.analysis.flip_verdict import FLIP_KEYS, best_informative_scale, judge_table
 from rome_edit.analysis.plots import ControlBand, FlipCurve, plot_flip_rates
 from rome_edit.analysis.report import VECTOR_FILE, DeltaAnalysis, analyze_deltas
 from rome_edit.evaluation.vectors import (
@@ -156,6 +159,9 @@ def _apply_to_heldout(lm: LoadedModel, found: DeltaAnalysis, heldout: HeldOut,
         res[f"vector_{mode}"] = applier.flip_table(g, mode).to_dict()
         controls = control_tables(applier, norm, settings.n_random, mode)
         res[f"control_{mode}"] = {k: _mean_std(controls, k) for k in RATE_KEYS}
+        # A direction whose random control already flips most subjects is no evidence.
+        res[f"verdict_{mode}"] = [v.to_dict() for v in judge_table(
+            res[f"vector_{mode}"], res[f"control_{mode}"])]
     # Curves: every direction at the same norms, weight edits; random band at each scale.
     unit_dirs = {n: v.float() / v.float().norm() for n, v in found.directions.as_dict().items()}
     curves, band, per_scale = [], [], {}
@@ -163,16 +169,22 @@ def _apply_to_heldout(lm: LoadedModel, found: DeltaAnalysis, heldout: HeldOut,
         tables = [applier.flip_table(u * s * ds.mean_norm) for s in settings.scales]
         per_scale[name] = [t.to_dict() for t in tables]
         curves.append(FlipCurve(name, settings.scales, tuple(t.flip_rate for t in tables)))
+    control_rates = []
     for s in settings.scales:
-        band.append([t.flip_rate for t in control_tables(applier, s * ds.mean_norm,
-                                                         settings.n_random, "weights")])
+        tables = control_tables(applier, s * ds.mean_norm, settings.n_random, "weights")
+        band.append([t.flip_rate for t in tables])
+        control_rates.append({k: statistics.fmean(getattr(t, k) for t in tables)
+                              for k in FLIP_KEYS})
     control = ControlBand(settings.scales, tuple(zip(*band)))
     plots.append(plot_flip_rates(curves, control, out / "flip_rate_vs_scale.png",
                                  title=f"held-out subjects, rank-one edits at layer {ds.layer}"))
     res["scale_curves"] = {"scales": list(settings.scales), "directions": per_scale,
                            "control_mean": control.mean.tolist(),
-                           "control_std": control.std.tolist()}
+                           "control_std": control.std.tolist(),
+                           "control_rates": control_rates}
     res["best_scale"] = best_scale(per_scale["box"], settings)
+    res["best_informative_scale"] = best_informative_scale(settings.scales, per_scale["box"],
+                                                           control_rates)
     at_norm = {name: applier.flip_table(u * norm).to_dict() for name, u in unit_dirs.items()}
     for row in found.table:
         if row["direction"] in at_norm:
