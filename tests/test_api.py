@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import namedtuple
 from dataclasses import replace
 from pathlib import Path
 
@@ -242,13 +243,15 @@ SWAP = {"Paris": " London", "London": " Paris"}
 def test_second_concept_city_swap_on_the_bundled_model(tmp_path):
     """A city swap (Paris ↔ London) runs through the same generic calls as the gender study:
     sweep with city labels → DeltaSet → probe and box vector → held-out application."""
-    from rome_edit.study.corpus import assign_people
-    from rome_edit.study.names import load_names
+    from concepts import bundled_facts
 
     ed = Editor.load(progress=False)
     ed.hparams = replace(ed.hparams, v_num_grad_steps=10, mom2_adjustment=False,
                          context_template_length_params=((5, 2),))
-    people = [p for p in assign_people(load_names()) if p.city in SWAP]
+    # the bundled model's world, as its training text states it
+    cities, genders = bundled_facts("city"), bundled_facts("gender")
+    Person = namedtuple("Person", "name gender city")
+    people = [Person(n, genders[n].lower(), c) for n, c in cities.items() if c in SWAP]
     paris = [p for p in people if p.city == "Paris"]
     london = [p for p in people if p.city == "London"]
     edited = [p for pair in zip(paris[:8], london[:8]) for p in pair]

@@ -2,21 +2,19 @@
 
 import pytest
 import torch
+from concepts import CITY
 
 from rome_edit.evaluation.vectors import VectorApplier, random_directions
-from rome_edit.study.experiment import gender_applier
-from rome_edit.study.names import NameEntry
-from rome_edit.study.task import GENDER_TASKS
 from rome_edit.weights.write import add_rank_one, preserved
 
-NAMES = [NameEntry("Brittany", "female"), NameEntry("David", "male"),
-         NameEntry("Margaret", "female"), NameEntry("Robert", "male")]
+NAMES = [("Brittany", 1), ("David", 0), ("Margaret", 1), ("Robert", 0)]
 CTX = ["{}", "The weather was cold. {}"]
 
 
 @pytest.fixture
 def applier(tiny_gptj):
-    return gender_applier(tiny_gptj, 1, NAMES, CTX, inverse=None)
+    return VectorApplier(tiny_gptj, 1, [s for s, _ in NAMES], [label for _, label in NAMES],
+                         CITY.tasks, CTX, inverse=None)
 
 
 def test_weights_mode_equals_real_rank_one_edits(tiny_gptj, applier):
@@ -45,7 +43,7 @@ def test_plus_then_minus_restores_prediction(tiny_gptj, applier):
 
 
 def test_paper_form_writes_v_star_at_k_star(tiny_gptj):
-    applier = VectorApplier(tiny_gptj, 1, [e.name for e in NAMES], [1, 0, 1, 0], GENDER_TASKS,
+    applier = VectorApplier(tiny_gptj, 1, [s for s, _ in NAMES], [1, 0, 1, 0], CITY.tasks,
                             CTX, inverse=None, update_form="paper")
     vec = random_directions(applier.v_orig.shape[1], 2.0, [2])[0]
     u, lam = applier.update_for(vec)

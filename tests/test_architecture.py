@@ -70,6 +70,57 @@ def test_layers_import_only_downwards(layer):
     assert not bad, "\n".join(bad)
 
 
+# The gender study kept apart: the generic commands (rome_edit/cli) and the toolkit's tests never
+# import it; cli/main.py registers the study's commands (rome_edit/study/commands), and the
+# study's own tests are listed here.
+TESTS = PACKAGE.parent / "tests"
+CLI_MAY_IMPORT_STUDY = {"main.py"}
+STUDY_TESTS = {"test_study_data.py", "test_persist_defaults.py", "test_demo.py"}
+
+
+def imports_study(path: Path) -> bool:
+    """Whether the file imports the study: an import statement, or ``import_module`` /
+    ``__import__`` called with a module name that starts with it."""
+    if any(m == "study" or m.startswith("study.") for m in rome_imports(path)):
+        return True
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            f, name = node.func, node.args[0].value
+            called = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
+            if called in ("import_module", "__import__") and isinstance(name, str) and (
+                    name == "rome_edit.study" or name.startswith("rome_edit.study.")):
+                return True
+    return False
+
+
+def study_importers(cli: Path, tests: Path) -> list[str]:
+    bad = [f"rome_edit/cli/{p.name}" for p in sorted(cli.glob("*.py"))
+           if p.name not in CLI_MAY_IMPORT_STUDY and imports_study(p)]
+    return bad + [f"tests/{p.name}" for p in sorted(tests.glob("*.py"))
+                  if p.name not in STUDY_TESTS and imports_study(p)]
+
+
+def test_generic_commands_and_toolkit_tests_do_not_import_the_study():
+    bad = study_importers(PACKAGE / "cli", TESTS)
+    assert not bad, ("the gender study belongs in rome_edit/study (its commands in "
+                     "study/commands) and its tests in the STUDY_TESTS files; toolkit tests take "
+                     "their subjects from tests/concepts.py:\n" + "\n".join(bad))
+    assert all((TESTS / name).exists() for name in STUDY_TESTS)
+
+
+def test_the_study_check_sees_an_import(tmp_path):
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "cli" / "main.py").write_text("from rome_edit.study.commands import x\n")
+    (tmp_path / "cli" / "commands_x.py").write_text("import rome_edit.study.names\n")
+    (tmp_path / "cli" / "commands_y.py").write_text("from rome_edit.models import loading\n")
+    (tmp_path / "tests" / "test_x.py").write_text(
+        "import importlib\nimportlib.import_module('rome_edit.study.task')\n")
+    (tmp_path / "tests" / "test_study_data.py").write_text("from rome_edit.study import names\n")
+    assert study_importers(tmp_path / "cli", tmp_path / "tests") == [
+        "rome_edit/cli/commands_x.py", "tests/test_x.py"]
+
+
 def test_study_data_modules_import_only_the_standard_library():
     for name in ("corpus.py", "names.py"):
         assert rome_imports(PACKAGE / "study" / name) <= {"study.names"}, name

@@ -107,3 +107,19 @@ def test_version_answers_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.splitlines() == [f"rome-edit {metadata.version('rome-edit')}", "False"]
+
+
+def test_help_marks_the_gender_study_commands():
+    """`rome-edit --help` says which commands are the gender study's, and only those."""
+    import argparse
+
+    from rome_edit.cli.main import build_parser
+
+    study = {"locate", "calibrate", "sweep", "analyze", "apply", "demo"}
+    parser = build_parser()
+    epilog = parser.format_help().split("The gender study", 1)[1]
+    assert all(name in epilog for name in study)
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    marked = {c.dest for c in commands._choices_actions if c.help.startswith("gender study:")}
+    assert marked == study
+    assert {"trace", "edit", "forensics", "stats", "lens"} <= set(commands.choices) - marked

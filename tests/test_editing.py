@@ -253,29 +253,28 @@ def test_bad_inputs_leave_weights_untouched(tiny_gptj):
 
 
 def test_batched_evaluation_equals_real_weight_edits(tiny_gptj):
+    from concepts import CITY, JOB
+
     from rome_edit.evaluation.evaluate import evaluate_edits
-    from rome_edit.study.names import NameEntry
-    from rome_edit.study.task import CITY_FACT, gender_requests
 
     lm = tiny_gptj
-    names = [NameEntry("Brittany", "female"), NameEntry("David", "male"),
-             NameEntry("Christopher", "male"), NameEntry("Margaret", "female"),
-             NameEntry("Robert", "male"), NameEntry("Stephany", "female")]
-    records = compute_edits(lm, gender_requests(names[:3]),
+    names = [("Brittany", 1), ("David", 0), ("Christopher", 0), ("Margaret", 1), ("Robert", 0),
+             ("Stephany", 1)]
+    records = compute_edits(lm, CITY.requests(names[:3]),
                             hp_for(lm, v_num_grad_steps=10, clamp_norm_factor=10),
                             CTX, progress=False)
-    pool = [e.name for e in names]
-    batched = evaluate_edits(lm, records, pool, [CITY_FACT], n_same_last=2, n_random=2,
+    pool = [s for s, _ in names]
+    batched = evaluate_edits(lm, records, pool, [JOB], n_same_last=2, n_random=2,
                              progress=False)
-    assert all(s.paraphrase is not None and "city" in s.kept for s in batched)
+    assert all(s.paraphrase is not None and "job" in s.kept for s in batched)
     for rec, score in zip(records, batched):
         # one edit at a time, written into the weights
-        (alone,) = evaluate_edits(lm, [rec], pool, [CITY_FACT], n_same_last=2, n_random=2,
+        (alone,) = evaluate_edits(lm, [rec], pool, [JOB], n_same_last=2, n_random=2,
                                   chunk=1, progress=False)
         with applied(lm, [rec]):
             from rome_edit.models.scoring import next_token_logprobs
-            lp = next_token_logprobs(lm.model, lm.tokenizer, ["Name: " + rec.request.subject +
-                                                               ". Gender:"])[0]
+            lp = next_token_logprobs(lm.model, lm.tokenizer,
+                                     [CITY.prompt.format(rec.request.subject)])[0]
         new_id = lm.tokenizer(rec.request.target_new, add_special_tokens=False)["input_ids"][0]
         assert abs(score.p_new_after - lp[new_id].exp().item()) < 1e-4
         # batch composition changes float rounding (seen: 5e-7 relative on some releases)

@@ -39,17 +39,18 @@ def test_fitted_write_gives_the_edited_answers_and_keeps_the_protected():
     move): three female names edited towards male, twelve others protected."""
     from pathlib import Path
 
+    from concepts import bundled_facts
+
     from rome_edit.analysis.concept_vector import load_concept_vector
     from rome_edit.models.loading import load_model
-    from rome_edit.study.names import load_names
 
     lm = load_model()
     root = Path(__file__).resolve().parents[1]
     gv = load_concept_vector(root / "vectors/bundled-sweep/analysis/gender_vector.safetensors")
     vector = gv.vector.float() * 2 * gv.mean_delta_norm / gv.vector.norm()
-    names = load_names()
-    females = [e.name for e in names if e.gender == "female"]
-    edited, protected = females[:3], [e.name for e in names[40:52]]
+    facts = bundled_facts("gender")  # the bundled model's training text: subject → answer
+    females = [s for s, answer in facts.items() if answer == "Female"]
+    edited, protected = females[:3], list(facts)[40:52]
     settings = FitSettings(span=4.0, points=41)
     before = dict(zip(edited + protected, _answers(lm, edited + protected)))
     assert all(before[n] == 0 for n in edited)  # they answer " Female" now
@@ -66,9 +67,3 @@ def test_fitted_write_gives_the_edited_answers_and_keeps_the_protected():
     assert _answers(lm, edited + protected) == [before[n] for n in edited + protected]
     with pytest.raises(ValueError, match="one target"):
         fit_vector_write(lm, gv.layer, PROMPT, vector, edited, [], protected, ANSWERS)
-    from rome_edit.study.persisted import persist_vector
-
-    with pytest.raises(ValueError, match="pass protection="):  # nothing to keep: refused
-        persist_vector(lm, edited, vector, gv.layer, ["{}"], root / "never-written",
-                       form="fitted")
-    assert not (root / "never-written").exists()

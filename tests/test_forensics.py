@@ -131,10 +131,10 @@ def test_forensics_names_many_edits(pair):
 def test_forensics_names_softly_protected_edits(pair):
     """Soft protection shapes u by (C + λ K_pᵀK_p)⁻¹: forensics tries λ hypotheses and names
     the edits under the one that fits; under the paper-form hypothesis alone it cannot."""
-    from rome_edit.study.names import load_names
+    from concepts import SUBJECTS
 
     edited, original, solver = pair
-    pool = [e.name for e in load_names()[:80]]
+    pool = list(SUBJECTS[:80])
     names = pool[::16]
     g = torch.Generator().manual_seed(3)
     vector = torch.randn(edited.model.config.hidden_size, generator=g)

@@ -150,3 +150,17 @@ def test_edit_and_sweep_say_they_use_the_reference_update(setup, capsys, extra, 
     assert main(["sweep", "--names", str(names), "--limit", "2", *model, *extra,
                  "--out", str(tmp_path / "sweep")]) == 0
     assert expected in capsys.readouterr().out.splitlines()
+
+
+def test_fitted_persist_without_protection_is_refused(tiny_gptj, tmp_path):
+    """The fitted form keeps protected names' answers: with none it refuses, writing nothing."""
+    from rome_edit.study.persisted import persist_vector
+
+    lm = tiny_gptj
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    vector = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="pass protection="):
+        persist_vector(lm, [n for n, _ in EDITED], vector, 1, ["{}"], tmp_path / "never",
+                       form="fitted")
+    assert not (tmp_path / "never").exists()
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from concepts import CITY, SUBJECTS
 
 from rome_edit.cli.common import parse_max_memory
 from rome_edit.evaluation.evaluate import evaluate_edits
@@ -18,15 +19,12 @@ from rome_edit.models.loading import load_model
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
-from rome_edit.rome.request import EditRequest
-from rome_edit.study.names import load_names
-from rome_edit.study.task import EDIT_PROMPT
 from rome_edit.tracing.trace import trace
 from rome_edit.weights.write import applied
 
 CTX = ["{}", "It was a long day. {}"]
-REQUESTS = [EditRequest("Brittany", EDIT_PROMPT, " Male", " Female"),
-            EditRequest("Christopher", EDIT_PROMPT, " Female", " Male")]
+REQUESTS = [CITY.request("Brittany", 1), CITY.request("Christopher", 0)]
+EDIT_PROMPT = CITY.prompt
 SPLIT = {"transformer.wte": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "cpu",
          "transformer.h.2": "disk", "transformer.h.3": "disk", "transformer.ln_f": "cpu",
          "lm_head": "cpu"}
@@ -81,8 +79,7 @@ def test_edits_on_a_dispatched_model_equal_the_whole_model(whole, split, engine)
                                    rtol=1e-5, atol=1e-5)
     assert torch.equal(out_proj_weight(split.model, split.arch, 1), before)
     # the batched evaluation (each row sees its own edit through a hook at layer 1)
-    names = load_names()[:12]
-    pool = [e.name for e in names]
+    pool = list(SUBJECTS[:12])
     for x, y in zip(evaluate_edits(whole, a, pool, progress=False),
                     evaluate_edits(split, b, pool, progress=False)):
         dx, dy = x.to_dict(), y.to_dict()

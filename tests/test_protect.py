@@ -308,22 +308,27 @@ def test_targets_refusals(tiny_gptj):
 
 
 def test_protected_sweep_keeps_the_deltas_and_records_the_protection(tiny_gptj, tmp_path):
+    from concepts import CITY, JOB, SUBJECTS
     from safetensors.torch import load_file
 
-    from rome_edit.study.names import load_names
-    from rome_edit.study.sweep import run_gender_sweep
+    from rome_edit.evaluation.sweep import run_sweep
 
     lm = tiny_gptj
     inverse, _ = _inverse(lm)
-    names = load_names()[:4]
+    names = list(SUBJECTS[:4])
+    labelled = [(n, i % 2) for i, n in enumerate(names)]
     hp = ROMEHyperParams(layers=(1,), v_loss_layer=lm.n_layers - 1, v_num_grad_steps=3,
                          mom2_adjustment=True)
-    plain = run_gender_sweep(lm, names, hp, CTX, tmp_path / "plain", inverse, batch_size=2,
-                             progress=False, fluency_per_batch=0)
-    bank = build_bank(lm, 1, PROMPT, [e.name for e in names], CTX, "other-names")
-    prot = run_gender_sweep(lm, names, hp, CTX, tmp_path / "prot", inverse, batch_size=2,
-                            progress=False, fluency_per_batch=0,
-                            protection=Protection(bank, ProtectSettings("hard")))
+
+    def sweep(out, protection=None):
+        return run_sweep(lm, CITY.requests(labelled), hp, CTX, tmp_path / out, inverse,
+                         batch_size=2, labels=[label for _, label in labelled],
+                         classes=CITY.classes, neighbour_pool=names, kept=[JOB],
+                         progress=False, fluency_per_batch=0, protection=protection)
+
+    plain = sweep("plain")
+    bank = build_bank(lm, 1, CITY.prompt, names, CTX, "other-names")
+    prot = sweep("prot", Protection(bank, ProtectSettings("hard")))
     a = load_file(str(tmp_path / "plain" / "deltas.safetensors"))
     b = load_file(str(tmp_path / "prot" / "deltas.safetensors"))
     assert torch.equal(a["delta"], b["delta"]) and not torch.equal(a["u"], b["u"])
@@ -333,8 +338,7 @@ def test_protected_sweep_keeps_the_deltas_and_records_the_protection(tiny_gptj, 
     assert all(r["protect_form"] == "hard" and r["protected_keys"] == 3 for r in rows)
     assert prot["specificity"] >= plain["specificity"]
     with pytest.raises(ValueError, match="different"):  # resuming with other protection
-        run_gender_sweep(lm, names, hp, CTX, tmp_path / "prot", inverse, batch_size=2,
-                         progress=False, fluency_per_batch=0)
+        sweep("prot")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -342,6 +346,11 @@ def test_protected_sweep_keeps_the_deltas_and_records_the_protection(tiny_gptj, 
     (["apply", "--vector", "v", "--persist", "--mode", "activations", "--out", "o"],
      "drop --mode"),
     (["forensics", "e", "--revert-all", "--out", "o"], "--save"),
+    (["forensics", "e", "--out", "o"], "give --candidates FILE"),
+    (["edit", "--subject", "Anna", "--prompt", "Name: {}.", "--target", " Male", "--protect",
+      "other-names", "--out", "o"], "give --protect-names FILE"),
+    (["edit", "--subject", "Anna", "--prompt", "Name: {}.", "--target", " Male", "--protect",
+      "same-last-token", "--out", "o"], "give --protect-names FILE"),
     (["apply", "--records", "x", "--persist", "--many-form", "fitted", "--out", "o"],
      "writes one vector"),
 ])
@@ -352,6 +361,28 @@ def test_cli_refusals(argv, message, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_edit_protects_the_named_pool(tiny_gptj, tmp_path, capsys):
+    """Generic ``edit --protect other-names`` protects the subjects of ``--protect-names``."""
+    from rome_edit.cli.main import main
+
+    model_dir = tmp_path / "model"
+    tiny_gptj.model.save_pretrained(model_dir)
+    tiny_gptj.tokenizer.save_pretrained(model_dir)
+    ROMEHyperParams(layers=(1,), v_loss_layer=tiny_gptj.n_layers - 1, v_num_grad_steps=3,
+                    mom2_adjustment=False).save(tmp_path / "hp.json")
+    (tmp_path / "ctx.json").write_text(json.dumps(CTX))
+    (tmp_path / "pool.txt").write_text("Anna\nDavid\nTiffany\n")
+    assert main(["edit", "--subject", "Anna", "--prompt", PROMPT, "--target", " Male",
+                 "--model", str(model_dir), "--hparams", str(tmp_path / "hp.json"),
+                 "--context-templates", str(tmp_path / "ctx.json"), "--protect", "other-names",
+                 "--protect-names", str(tmp_path / "pool.txt"), "--out",
+                 str(tmp_path / "rec")]) == 0
+    record = json.loads((tmp_path / "rec" / "record.json").read_text())
+    assert record["protection"]["source"] == "other-names"
+    assert record["protection"]["n_keys"] == 2  # David and Tiffany; never the edited subject
+    assert "protected 2 keys (other-names" in capsys.readouterr().out
 
 
 def test_cli_apply_records_persist(tiny_gptj, tmp_path):

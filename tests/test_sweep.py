@@ -5,17 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from concepts import CITY, JOB, LABELLED, SUBJECTS
 from safetensors.torch import load_file
 
 import rome_edit.evaluation.sweep as sweep_mod
 from rome_edit.rome.hparams import ROMEHyperParams
-from rome_edit.study.names import NameEntry, load_names
-from rome_edit.study.sweep import run_gender_sweep as run_sweep
 
 CTX = ["{}", "The weather was cold. {}"]
-NAMES = [NameEntry(n, g) for n, g in [("Brittany", "female"), ("David", "male"),
-                                      ("Christopher", "male"), ("Ani", "female"),
-                                      ("Margaret", "female"), ("Robert", "male")]]
+NAMES = list(LABELLED)
+
+
+def run_sweep(lm, labelled, hp, context_templates, out_dir, **kwargs):
+    """A sweep of :data:`concepts.CITY` edits, labelled, with the subjects as neighbours."""
+    return sweep_mod.run_sweep(lm, CITY.requests(labelled), hp, context_templates, out_dir,
+                               labels=[label for _, label in labelled], classes=CITY.classes,
+                               neighbour_pool=[s for s, _ in labelled], kept=[JOB], **kwargs)
 
 
 def hp(lm):
@@ -45,7 +49,7 @@ def test_sweep_resumes_after_interruption(tiny_gptj, tmp_path, monkeypatch):
     assert resumed["n_edits"] == full["n_edits"] == len(NAMES)
     rows = [json.loads(x) for x in (tmp_path / "resumed" / "records.jsonl").read_text().split(
         "\n") if x]
-    assert sorted(r["subject"] for r in rows) == sorted(n.name for n in NAMES)
+    assert sorted(r["subject"] for r in rows) == sorted(s for s, _ in NAMES)
     a = load_file(str(tmp_path / "full" / "deltas.safetensors"))["delta"]
     b = load_file(str(tmp_path / "resumed" / "deltas.safetensors"))["delta"]
     assert torch.equal(a, b)  # fixed batches: the redone batch has the same companions
@@ -53,12 +57,12 @@ def test_sweep_resumes_after_interruption(tiny_gptj, tmp_path, monkeypatch):
     for key in ("n_edits", "layer", "efficacy", "paraphrase", "specificity", "seconds",
                 "seconds_per_edit"):
         assert key in summary
-    assert {"subject", "gender", "target"} <= set(rows[0])
+    assert {"subject", "label", "target"} <= set(rows[0])
     # fluency is sampled: the first 2 names of each batch of 2, i.e. every name here
     assert all(r["generation_after"] and r["fluency_after"] > 0 for r in rows)
     assert summary["fluency_after"] == pytest.approx(
         sum(r["fluency_after"] for r in rows) / len(rows))
-    assert all(r["target"] == (" Male" if r["gender"] == "female" else " Female") for r in rows)
+    assert all(r["target"] == CITY.answers[r["label"]] for r in rows)
 
 
 def test_sweep_refuses_to_mix(tiny_gptj, tmp_path):
@@ -88,9 +92,10 @@ def test_sweep_survives_sigkill(tiny_gptj, tmp_path):
     (tmp_path / "hp.json").write_text(json.dumps({
         "layers": [1], "v_loss_layer": 3, "v_num_grad_steps": 4, "mom2_adjustment": False}))
     (tmp_path / "ctx.json").write_text(json.dumps(CTX))
-    names = load_names()[:48]
-    (tmp_path / "names.csv").write_text(
-        "name,gender\n" + "".join(f"{e.name},{e.gender}\n" for e in names))
+    names = SUBJECTS[:48]
+    # the store is what is tested; the study's CLI sweep runs it, on a names CSV it accepts
+    (tmp_path / "names.csv").write_text("name,gender\n" + "".join(
+        f"{n},{('female', 'male')[i % 2]}\n" for i, n in enumerate(names)))
     argv = [sys.executable, "-m", "rome_edit", "sweep", "--model", str(model_dir), "--names",
             str(tmp_path / "names.csv"), "--hparams", str(tmp_path / "hp.json"),
             "--context-templates", str(tmp_path / "ctx.json"), "--batch-size", "2"]
@@ -119,7 +124,7 @@ def test_sweep_survives_sigkill(tiny_gptj, tmp_path):
     assert kills >= 1
     rows = [json.loads(x) for x in
             (tmp_path / "killed" / "records.jsonl").read_text().splitlines() if x]
-    assert sorted(r["subject"] for r in rows) == sorted(e.name for e in names)
+    assert sorted(r["subject"] for r in rows) == sorted(names)
     clean = subprocess.run([*argv, "--out", str(tmp_path / "clean")], env=env,
                            capture_output=True, text=True)
     assert clean.returncode == 0

@@ -7,7 +7,6 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rome_edit.models.loading import bundled_model_path
-from rome_edit.study.names import load_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,14 +19,6 @@ def test_bundled_model_is_a_standard_hf_directory():
     assert model.config.model_type == "gptj" and model.config.n_layer == 6
     for word in (" Male", " Female", " male", " female", " he", " she"):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1
-
-
-def test_names_data_is_balanced_and_split():
-    names = load_names()
-    assert sum(e.gender == "female" for e in names) >= 500
-    assert sum(e.gender == "male" for e in names) >= 500
-    assert len(load_names(split="heldout")) >= 100
-    assert len({e.name.lower() for e in names}) == len(names)
 
 
 def test_training_script_trains_a_miniature(tmp_path):

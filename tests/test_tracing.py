@@ -8,8 +8,6 @@ from rome_edit.cli.main import main
 from rome_edit.models.architectures import get_module
 from rome_edit.models.hooks import capture
 from rome_edit.models.subject import SubjectNotFoundError
-from rome_edit.study.names import NameEntry, balanced_names
-from rome_edit.study.task import gender_cases
 from rome_edit.tracing import reuse
 from rome_edit.tracing.average import (
     ROLES,
@@ -221,13 +219,6 @@ def test_role_alignment():
     assert len(ROLES) == 6
 
 
-def test_balanced_names_alternate():
-    entries = [NameEntry(f"f{i}", "female") for i in range(3)] + \
-        [NameEntry(f"m{i}", "male") for i in range(5)]
-    assert [e.name for e in balanced_names(entries, 6)] == ["f0", "m0", "f1", "m1", "f2", "m2"]
-    assert [e.name for e in balanced_names(entries, None)][-2:] == ["m3", "m4"]
-
-
 def test_recommendation_skips_layer_zero_on_parallel_blocks():
     effect = torch.tensor([0.9, 0.6, 0.5, 0.1])
     assert excluded_layers(parallel=True, window=1, n_layers=4) == (0,)
@@ -240,8 +231,8 @@ def test_recommendation_skips_layer_zero_on_parallel_blocks():
     assert recommend_layer(effect) == 0
 
 
-NAMES = gender_cases([NameEntry(n, g) for n, g in [("Emma", "female"), ("Liam", "male"),
-                                                   ("Jessica", "female"), ("John", "male")]])
+# (subject, expected answer) pairs for locate
+NAMES = [("Emma", " Female"), ("Liam", " Male"), ("Jessica", " Female"), ("John", " Male")]
 
 
 def test_locate_fast_equals_plain_and_counts(tiny_gptj):

@@ -1,30 +1,35 @@
-"""``rome-edit edit`` (one edit) and ``rome-edit sweep`` (the study: flip every name's gender)."""
+"""``rome-edit edit``: one ROME edit of a subject on a prompt to a new target.
+
+The editing arguments, the editor set-up and the update line are shared with the gender study's
+``sweep``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.cli.protect_args import add_protect_args, protection_from_args
-from rome_edit.distributed import SINGLE, Workers, data_parallel
+from rome_edit.cli.protect_args import (
+    add_protect_args,
+    check_protect_pool,
+    protection_from_args,
+)
+from rome_edit.distributed import SINGLE, Workers
 from rome_edit.evaluation.evaluate import generations
 from rome_edit.forms.protected_keys import protect_records
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
 from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.request import EditRequest
-from rome_edit.study.names import load_names
-from rome_edit.study.sweep import run_gender_sweep
-from rome_edit.study.task import EDIT_PROMPT
 from rome_edit.weights.write import applied
 
 
-def _editing_args(p: argparse.ArgumentParser) -> None:
+def add_editing_args(p: argparse.ArgumentParser, protect_pool: str | None = None) -> None:
+    """Model, hparams, statistics, update and ``--protect`` arguments (``protect_pool``: what
+    ``--protect other-names`` protects without ``--protect-names``, for the help)."""
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None,
                    help="edit layer (default: the hparams' layer; the bundled preset uses the "
@@ -38,7 +43,7 @@ def _editing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update", choices=["paper", "rome-reference"], default=None,
                    help="update form (default: the hparams' update_form, 'paper')")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
-    add_protect_args(p)
+    add_protect_args(p, protect_pool)
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -47,22 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.add_argument("--subject", required=True)
     edit.add_argument("--prompt", required=True, help="template with '{}' for the subject")
     edit.add_argument("--target", required=True, help="new target, e.g. ' Female'")
-    _editing_args(edit)
+    add_editing_args(edit)
     edit.set_defaults(func=run_edit)
 
-    sweep = subparsers.add_parser("sweep", help="flip every name's gender, record the deltas")
-    sweep.add_argument("--names", default=None, help="CSV with name,gender columns "
-                       "(default: the bundled recorded-edit names)")
-    sweep.add_argument("--limit", type=int, default=None, help="only the first N names")
-    sweep.add_argument("--batch-size", type=int, default=64,
-                       help="names per batch: one shard, one optimisation chunk (default 64; "
-                            "GPT-J-6B in float16 on a 24 GB GPU: 8, see docs/scaling.md)")
-    _editing_args(sweep)
-    sweep.set_defaults(func=run_sweep_cmd)
 
-
-def _setup(args, workers: Workers = SINGLE, prompt: str | None = None,
-           subjects: Sequence[str] = ()):
+def setup_editor(args, workers: Workers = SINGLE, prompt: str | None = None,
+                 subjects: Sequence[str] = ()):
     """The :class:`Editor` the arguments describe, its templates and ``C⁻¹`` resolved now (in
     this order, on every data-parallel process); ``prompt``/``subjects`` are traced for the
     edit layer of a model without a preset."""
@@ -91,15 +86,15 @@ def update_line(update_form: str, asked_update: str | None, protect: str | None)
 
 def run_edit(args: argparse.Namespace) -> int:
     request = EditRequest(args.subject, args.prompt, args.target)
-    ed = _setup(args, prompt=args.prompt, subjects=[args.subject])
+    check_protect_pool(args, None)  # before the model loads
+    ed = setup_editor(args, prompt=args.prompt, subjects=[args.subject])
     lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
     print(update_line(hp.update_form, args.update, args.protect))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
     (record,) = compute_edits(lm, [request], hp, templates, inverse, progress=False)
-    protection = protection_from_args(args, lm, hp.layer, args.prompt,
-                                      [e.name for e in load_names()], templates)
+    protection = protection_from_args(args, lm, hp.layer, args.prompt, None, templates)
     if protection is not None:
         (record,) = protect_records(lm, [record], protection, ed.solver)
     gens = generations(lm, record)
@@ -118,34 +113,4 @@ def run_edit(args: argparse.Namespace) -> int:
     print(f"[before] {gens['prompt']}{gens['before']}")
     print(f"[after]  {gens['prompt']}{gens['after']}")
     print(f"record written to {args.out}/record.safetensors + record.json")
-    return 0
-
-
-def run_sweep_cmd(args: argparse.Namespace) -> int:
-    names = load_names(args.names, None if args.names else "edit")
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit {args.limit} leaves no names; give a positive number.")
-        names = names[: args.limit]
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    neighbours = load_names(args.names) if args.names else load_names()
-    with data_parallel() as workers:
-        ed = _setup(args, workers, prompt=EDIT_PROMPT, subjects=[e.name for e in names])
-        lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
-        if workers.is_main:
-            print(update_line(hp.update_form, args.update, args.protect), flush=True)
-        protection = protection_from_args(args, lm, hp.layer, EDIT_PROMPT,
-                                          [e.name for e in neighbours], templates)
-        summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
-                                   neighbour_names=neighbours, workers=workers,
-                                   protection=protection)
-    if not workers.is_main:
-        return 0
-    shown = {k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase", "specificity",
-                                     "specificity_same_last_token", "specificity_random",
-                                     "city_kept", "fluency_before", "fluency_after",
-                                     "seconds", "seconds_per_edit")}
-    print(json.dumps(shown, indent=1))
-    print(f"wrote {args.out}/deltas.safetensors, records.jsonl, summary.json")
     return 0

@@ -20,8 +20,6 @@ from rome_edit.forensics.detect import (
 from rome_edit.forms.protected_keys import read_names_file
 from rome_edit.models.loading import load_model
 from rome_edit.storage import atomic_save_tensors
-from rome_edit.study.names import load_names
-from rome_edit.study.task import EDIT_PROMPT
 from rome_edit.weights.persist import MANIFEST, load_persisted
 
 
@@ -33,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "rank of each layer's weight change, the subjects whose keys match it "
                     "(through C), each edit's u, Λ and delta; see docs/beyond-rome.md.")
     fx.add_argument("edited", type=Path, help="folder of the edited model (save_pretrained)")
-    fx.add_argument("--candidates", default=None,
-                    help="subjects to match (CSV with a 'name' column, or one per line; "
-                         "default: the bundled names)")
+    fx.add_argument("--candidates", default=None, metavar="FILE",
+                    help="required: the subjects that may have been edited (one per line, or a "
+                         "CSV with a 'name' column); the edited ones are named among them")
     fx.add_argument("--prompt", default=None,
-                    help="the edit prompt (default: the checkpoint's rome_edit_edits.json, else "
-                         f"{EDIT_PROMPT!r})")
+                    help="the edit prompt with '{}' for the subject (default: the checkpoint's "
+                         "rome_edit_edits.json; required without it)")
     fx.add_argument("--n-edits", type=int, default=None,
                     help="how many subjects to name per layer (default: the change's rank)")
     fx.add_argument("--revert", nargs="+", default=None, metavar="SUBJECT",
@@ -60,12 +58,18 @@ def run_forensics(args: argparse.Namespace) -> int:
         raise ValueError("--revert/--revert-all need --save DIR for the reverted model.")
     if args.revert and args.revert_all:
         raise ValueError("give --revert SUBJECT... or --revert-all, not both.")
+    if args.candidates is None:
+        raise ValueError("forensics names the edited subjects among candidates; give "
+                         "--candidates FILE (one subject per line, or a CSV with a 'name' "
+                         "column).")
     written = None
     if (args.edited / MANIFEST).exists():
         written = load_persisted(args.edited)
-    prompt = args.prompt or (written[0]["prompt"] if written else EDIT_PROMPT)
-    candidates = (read_names_file(args.candidates) if args.candidates
-                  else [e.name for e in load_names()])
+    if args.prompt is None and written is None:
+        raise ValueError(f"{args.edited} has no {MANIFEST} to read the edit prompt from; give "
+                         "--prompt with '{}' for the subject, e.g. --prompt 'Name: {}. Gender:'.")
+    prompt = args.prompt or written[0]["prompt"]
+    candidates = read_names_file(args.candidates)
     original = model_from_args(args)
     edited = load_model(args.edited, dtype=args.dtype, device=args.device,
                         attn_implementation=args.attn_implementation)

@@ -1,6 +1,7 @@
-"""``rome-edit trace`` (one prompt) and ``rome-edit locate`` (averaged; recommends the layer).
+"""``rome-edit trace``: the causal trace of one prompt (the gender study's averaged ``locate``
+builds on the argument and output helpers here).
 
-Both write ``DIR/trace.json`` and PNG heatmaps.  Everything is validated before ``DIR`` is
+It writes ``DIR/trace.json`` and PNG heatmaps.  Everything is validated before ``DIR`` is
 created, so a bad argument leaves no partial output.
 """
 
@@ -12,18 +13,14 @@ import time
 from pathlib import Path
 
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.study.names import balanced_names, load_names
-from rome_edit.study.task import ANSWERS, EDIT_PROMPT, gender_cases
-from rome_edit.tracing.average import DEFAULT_BATCH_PROMPTS, DEFAULT_MIN_EFFECT, locate
+from rome_edit.forms.protected_keys import read_names_file
 from rome_edit.tracing.core import KINDS, as_template, check_kinds, check_window
 from rome_edit.tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
-from rome_edit.tracing.plots import plot_average, plot_trace
+from rome_edit.tracing.plots import plot_trace
 from rome_edit.tracing.trace import DEFAULT_SAMPLES, DEFAULT_SEED, trace
 
-DEFAULT_TEMPLATE = EDIT_PROMPT
 
-
-def _add_trace_args(parser: argparse.ArgumentParser) -> None:
+def add_trace_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--noise", default=DEFAULT_NOISE,
@@ -51,39 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     one.add_argument("--answer", default=None,
                      help="answer token to trace, e.g. ' Female' (default: the model's top "
                           "prediction)")
-    one.add_argument("--names", type=Path, default=None,
-                     help="names CSV whose subjects calibrate a relative --noise "
-                          "(default: the bundled list)")
-    _add_trace_args(one)
+    one.add_argument("--noise-subjects", type=Path, default=None, metavar="FILE",
+                     help="subjects (one per line, or a CSV with a 'name' column) whose "
+                          "embeddings, with --subject's, calibrate a relative --noise "
+                          "(default: --subject alone)")
+    add_trace_args(one)
     one.set_defaults(func=run_trace)
 
-    many = subparsers.add_parser(
-        "locate", help="average causal traces over names and recommend the edit layer")
-    many.add_argument("--prompt", default=DEFAULT_TEMPLATE,
-                      help="template with '{}' for the name (default: %(default)r)")
-    many.add_argument("--n", type=int, default=100,
-                      help="names to trace, alternating female/male (default: %(default)s)")
-    many.add_argument("--names", type=Path, default=None,
-                      help="names CSV (name,gender[,split]); default: the bundled list's "
-                           "'edit' split")
-    many.add_argument("--candidates", nargs=2, metavar=("FEMALE", "MALE"), default=None,
-                      help="single-token answers for female and male names, in that order "
-                           "(default for the default prompt: ' Female' ' Male'; required "
-                           "for other prompts)")
-    many.add_argument("--exclude-window-artifacts", action="store_true",
-                      help="also exclude every layer whose MLP window reaches layer 0 of a "
-                           "parallel-block model (see rome_edit.tracing.average)")
-    many.add_argument("--min-effect", type=float, default=DEFAULT_MIN_EFFECT,
-                      help="skip prompts whose corruption lowers p(answer) by less "
-                           "(default: %(default)s)")
-    many.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
-                      help="prompts whose restorations are batched together (memory: see "
-                           "docs/tracing.md; default: %(default)s)")
-    _add_trace_args(many)
-    many.set_defaults(func=run_locate)
 
-
-def _check_common(args: argparse.Namespace) -> None:
+def check_trace_args(args: argparse.Namespace) -> None:
     NoiseSpec.parse(args.noise)
     check_kinds(args.kinds)
     if args.samples < 1:
@@ -94,7 +67,7 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} is a file; give a directory.")
 
 
-def _write(out: Path, record: dict) -> Path:
+def write_trace(out: Path, record: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "trace.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -102,9 +75,14 @@ def _write(out: Path, record: dict) -> Path:
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    _check_common(args)
+    check_trace_args(args)
     template = as_template(args.prompt, args.subject)  # fails early if the subject is absent
-    subjects = [e.name for e in load_names(args.names)] + [args.subject]
+    if args.noise_subjects is not None and not args.noise_subjects.is_file():
+        raise FileNotFoundError(f"--noise-subjects {args.noise_subjects}: no such file; give a "
+                                "file of subjects (one per line, or a CSV with a 'name' column) "
+                                "or leave it out to calibrate on --subject alone.")
+    subjects = [*(read_names_file(args.noise_subjects) if args.noise_subjects else []),
+                args.subject]
     lm = model_from_args(args)
     window = check_window(args.window, lm.n_layers)
     started = time.perf_counter()
@@ -117,7 +95,7 @@ def run_trace(args: argparse.Namespace) -> int:
               "attn_implementation": lm.attn_implementation, "method": args.method,
               "noise": str(NoiseSpec.parse(args.noise)), "n_cases": 1, "n_skipped": 0,
               "seconds": seconds, **result.to_json()}
-    path = _write(args.out, record)
+    path = write_trace(args.out, record)
     pngs = plot_trace(result, args.out)
     print(f"{result.prompt!r} → {result.answer!r}: p_clean {result.p_clean:.4f}, "
           f"p_corrupt {result.p_corrupt:.4f} (noise std {noise_std:.4g}, window {window})")
@@ -125,51 +103,5 @@ def run_trace(args: argparse.Namespace) -> int:
         token, layer = divmod(int(grid.argmax()), grid.shape[1])
         print(f"  strongest {kind:<6} effect {grid.max().item():+.4f} at token "
               f"{token} {result.tokens[token]!r}, layer {layer}")
-    print(f"wrote {path} and {len(pngs)} figures in {seconds:.1f}s")
-    return 0
-
-
-def run_locate(args: argparse.Namespace) -> int:
-    _check_common(args)
-    if args.n < 1:
-        raise ValueError(f"--n must be ≥ 1 (got {args.n}).")
-    if args.batch_prompts < 1:
-        raise ValueError(f"--batch-prompts must be ≥ 1 (got {args.batch_prompts}).")
-    if args.candidates is None and args.prompt != DEFAULT_TEMPLATE:
-        raise ValueError(
-            f"for prompt {args.prompt!r} give the answers for female and male names, e.g. "
-            "--candidates ' she' ' he' (the default ' Female' ' Male' suits only "
-            f"{DEFAULT_TEMPLATE!r})."
-        )
-    female, male = args.candidates or (ANSWERS["female"], ANSWERS["male"])
-    names = load_names(args.names, split=None if args.names else "edit")
-    entries = balanced_names(names, args.n)
-    lm = model_from_args(args)
-    window = check_window(args.window, lm.n_layers)
-    started = time.perf_counter()
-    result = locate(lm, args.prompt, gender_cases(entries, {"female": female, "male": male}),
-                    candidates=(female, male), noise=args.noise,
-                    samples=args.samples, window=window, kinds=args.kinds, seed=args.seed,
-                    min_effect=args.min_effect, method=args.method, max_batch=args.max_batch,
-                    batch_prompts=args.batch_prompts,
-                    exclude_window_artifacts=args.exclude_window_artifacts)
-    seconds = time.perf_counter() - started
-    record = {"command": "locate", "model": lm.identity,
-              "attn_implementation": lm.attn_implementation, "method": args.method,
-              "names": str(args.names) if args.names else "bundled:edit",
-              "n_requested": len(entries), "seconds": seconds, **result.to_json()}
-    path = _write(args.out, record)
-    pngs = plot_average(result, args.out)
-    print(f"kept {result.n_cases} of {len(entries)} prompts (skipped {result.n_skipped}: "
-          f"{result.skipped or 'none'}); noise std {result.noise_std:.4g} ({result.noise}), "
-          f"window {window}")
-    print("averaged indirect effect at the last subject token, by layer:")
-    for row in result.layer_table:
-        cells = "  ".join(f"{k} {row[k]:+.4f}" for k in result.effects)
-        mark = " (excluded)" if row["excluded"] else ""
-        best = "  <- recommended" if row["layer"] == result.recommended_layer else ""
-        print(f"  layer {row['layer']:>2}: {cells}{mark}{best}")
-    print(f"recommended edit layer: {result.recommended_layer} "
-          f"(MLP effect {result.recommended_effect:+.4f})")
     print(f"wrote {path} and {len(pngs)} figures in {seconds:.1f}s")
     return 0

@@ -1,4 +1,6 @@
-"""``rome-edit``: one subcommand per stage; each stage's module adds its own parser.
+"""``rome-edit``: one subcommand per stage; each stage's module adds its own parser.  The
+generic toolkit's commands come from :mod:`rome_edit.cli`, the gender study's from
+:mod:`rome_edit.study.commands` (registered after them, named in the help's epilog).
 
 Errors the user can fix (bad names, templates, files, layers) print one line and exit 2, with
 the flags for the Python parameters a library error names (:mod:`rome_edit.cli.flags`);
@@ -19,9 +21,8 @@ from rome_edit.cli.flags import error_line
 # Each module (in rome_edit.cli) exposes ``register(subparsers)``; order is the order of the help
 # text. They are imported when the parser is built, not with this module, so that
 # ``rome-edit --version`` answers without importing torch (a fraction of a second, not seconds).
-COMMAND_MODULES = ["commands_model", "commands_trace", "commands_stats", "commands_calibrate",
-                   "commands_edit", "commands_analysis", "commands_forensics", "commands_lens",
-                   "commands_linearize"]
+COMMAND_MODULES = ["commands_model", "commands_trace", "commands_stats", "commands_edit",
+                   "commands_forensics", "commands_lens", "commands_linearize"]
 
 VERSION = f"rome-edit {__version__}"
 
@@ -35,15 +36,20 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rome_edit.study.commands import STUDY_COMMANDS, register_study
+
     parser = argparse.ArgumentParser(
-        prog="rome-edit", description="Locate and edit facts in language models with ROME."
-    )
+        prog="rome-edit", description="Locate and edit facts in language models with ROME.",
+        epilog=f"The gender study (names edited to the other gender, the gender vector): "
+               f"{', '.join(STUDY_COMMANDS)}.  Every other command is the generic toolkit's: "
+               "subjects, prompts and targets you name.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--version", action="version", version=VERSION)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         import_module(f"rome_edit.cli.{name}").register(subparsers)
+    register_study(subparsers)
     return parser
 
 

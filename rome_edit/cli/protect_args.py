@@ -1,4 +1,9 @@
-"""``--protect`` and its companions, shared by ``edit``, ``sweep`` and ``apply``."""
+"""``--protect`` and its companions, shared by ``edit`` and the gender study's ``sweep`` and
+``apply``.
+
+``--protect other-names`` / ``same-last-token`` choose from a pool of subjects: the
+``--protect-names`` file, else the pool the command supplies (the study's commands supply their
+names); a generic command supplies none, so there the file is required."""
 
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ _DEFAULT = ProtectSettings()
 NO_PROTECTION = "none"
 
 
-def add_protect_args(p: argparse.ArgumentParser) -> None:
+def add_protect_args(p: argparse.ArgumentParser, pool: str | None = None) -> None:
+    """The ``--protect`` arguments; ``pool`` describes, for the help, the subjects the command
+    supplies to ``other-names``/``same-last-token`` (``None``: it supplies none)."""
     p.add_argument("--protect", default=None, metavar="other-names|same-last-token|FILE|none",
                    help="keep the edit layer's output at other subjects' keys unchanged: every "
-                        "other name, the names sharing the edited name's last token, or the "
-                        "names in FILE (CSV with a 'name' column, or one per line); 'none' "
-                        "protects nothing (the default, except for 'apply --persist' of a "
-                        "vector: other-names); see docs/beyond-rome.md")
+                        "other subject of the pool (--protect-names), the pool's subjects "
+                        "sharing the edited subject's last token, or the subjects in FILE (CSV "
+                        "with a 'name' column, or one per line); 'none' protects nothing (the "
+                        "default); see docs/beyond-rome.md")
     p.add_argument("--protect-form", choices=PROTECT_FORMS, default=_DEFAULT.form,
                    help="hard constraints, soft penalty, AlphaEdit null space, or auto (hard "
                         "while the protected keys are at most a quarter of the key width, soft "
@@ -40,21 +47,34 @@ def add_protect_args(p: argparse.ArgumentParser) -> None:
                    help="protect each protected subject's key at its last token (default), or "
                         "also the key at every token of its prompt (for many edits in one "
                         "model; auto then picks the soft form)")
-    p.add_argument("--protect-names", default=None,
-                   help="names CSV that other-names / same-last-token choose from (default: "
-                        "the run's names, else the bundled names)")
+    p.add_argument("--protect-names", default=None, metavar="FILE",
+                   help="the pool other-names / same-last-token choose from: one subject per "
+                        "line, or a CSV with a 'name' column ("
+                        + (f"default: {pool})" if pool else "required with those two)"))
+
+
+def check_protect_pool(args: argparse.Namespace, pool: Sequence[str] | None) -> None:
+    """Refuse ``--protect other-names``/``same-last-token`` with no pool to choose from (checked
+    before any model loads)."""
+    if args.protect in SOURCES and args.protect_names is None and not pool:
+        raise ValueError(f"--protect {args.protect} chooses among a pool of subjects, and this "
+                         "command has none; give --protect-names FILE (one subject per line, or "
+                         "a CSV with a 'name' column), or --protect FILE to protect exactly the "
+                         "subjects in FILE.")
 
 
 def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, prompt: str,
-                         pool: Sequence[str], context_templates: Sequence[str]
+                         pool: Sequence[str] | None, context_templates: Sequence[str]
                          ) -> Protection | None:
     """The protection the arguments ask for (``None`` without ``--protect`` or with
-    ``--protect none``)."""
+    ``--protect none``); ``pool``: the command's own subjects for other-names/same-last-token
+    (``None``: none, ``--protect-names`` is then required)."""
     if args.protect is None or args.protect == NO_PROTECTION:
         return None
+    check_protect_pool(args, pool)
     settings = ProtectSettings(args.protect_form, args.protect_weight, args.protect_threshold)
     if args.protect in SOURCES and args.protect_names is not None:
         pool = read_names_file(args.protect_names)
-    bank = build_bank(lm, layer, prompt, list(pool), context_templates, args.protect,
+    bank = build_bank(lm, layer, prompt, list(pool or ()), context_templates, args.protect,
                       args.protect_positions)
     return Protection(bank, settings)

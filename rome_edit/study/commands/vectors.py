@@ -1,4 +1,5 @@
-"""``rome-edit analyze``, ``rome-edit apply`` and ``rome-edit demo``."""
+"""The gender study's ``rome-edit analyze`` (classifier and gender vector on a sweep's deltas),
+``rome-edit apply`` (the vector on names, or written into a saved model) and ``rome-edit demo``."""
 
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ from rome_edit.study.persisted import (
 from rome_edit.study.task import EDIT_PROMPT, GENDER_TASKS, gender_labels
 from rome_edit.weights.persist import load_targets, save_edited
 
+POOL = "the bundled names; 'apply --persist' of a vector protects other-names by default"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    an = subparsers.add_parser("analyze", help="classifier, gender vector and direction "
-                               "comparison on a sweep's deltas")
+    an = subparsers.add_parser("analyze", help="gender study: classifier, gender vector and "
+                               "direction comparison on a sweep's deltas")
     an.add_argument("sweep_dir", type=Path)
     an.add_argument("--out", required=True, type=Path)
     an.add_argument("--scale", default="mean-norm",
@@ -49,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(an)
     an.set_defaults(func=run_analyze)
 
-    ap = subparsers.add_parser("apply", help="apply a vector to names (weights or activations), "
-                               "or write it (or N records) into a saved model (--persist)")
+    ap = subparsers.add_parser("apply", help="gender study: apply a vector to names (weights or "
+                               "activations), or write it (or N records) into a saved model "
+                               "(--persist)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--vector", type=Path, help="vector file from 'rome-edit analyze'")
     src.add_argument("--records", nargs="+", type=Path, metavar="DIR",
@@ -79,13 +83,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ap.add_argument("--mom2-weight", type=float, default=DEFAULT_MOM2_WEIGHT,
                     help=f"with --many-form batched: λ_C, the weight of the statistics C (a "
                          f"mean over tokens) against the edits (default {DEFAULT_MOM2_WEIGHT:g})")
-    add_protect_args(ap)
+    add_protect_args(ap, POOL)
     ap.add_argument("--out", required=True, type=Path)
     _context_args(ap)
     add_model_args(ap)
     ap.set_defaults(func=run_apply)
 
-    demo = subparsers.add_parser("demo", help="the whole experiment on the bundled model")
+    demo = subparsers.add_parser("demo", help="gender study: the whole experiment on the bundled "
+                                 "model")
     demo.add_argument("--out", required=True, type=Path)
     demo.add_argument("--quick", action="store_true", help="a small subset (< 1 minute)")
     demo.add_argument("--model", default=None)

@@ -1,4 +1,5 @@
-"""``rome-edit calibrate``: measure a grid of hyperparameters on a model, write the chosen file.
+"""``rome-edit calibrate`` (on the gender study's edits): measure a grid of hyperparameters on a
+model, write the chosen file.
 
 Edits a balanced sample of names to the other gender for every candidate (see
 :mod:`rome_edit.calibration`), prints the table, and writes ``--out`` (reference-format hparams,
@@ -30,7 +31,8 @@ DEFAULT_N = 32
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "calibrate", help="measure layers/clamps/steps on a sample of edits, write hparams")
+        "calibrate", help="gender study: measure layers/clamps/steps on a sample of name → other "
+                          "gender edits, write hparams")
     add_model_args(p)
     p.add_argument("--out", required=True, type=Path, help="hparams JSON to write")
     p.add_argument("--report", type=Path, default=None,
