@@ -40,6 +40,27 @@ def test_no_preset_defaults(tiny_model, caplog):
     assert corpus_spec(hp) == "sampled"
 
 
+def test_smollm2_gguf_gets_its_preset(tiny_model, caplog):
+    """The preset is picked by the model's name or its GGUF file's name — no 93 MB file."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    gguf = Path("/anywhere/SmolLM2-135M-Instruct.Q4_1.gguf")
+    by_name = replace(tiny_model, name="smollm2-135m-gguf")
+    by_file = replace(tiny_model, name=str(gguf), gguf_file=gguf)
+    shipped = ROMEHyperParams.preset("smollm2-135m")
+    for lm in (by_name, by_file):
+        assert session.preset_name(lm) == "smollm2-135m"
+        with caplog.at_level(logging.WARNING):
+            assert default_hparams(lm) == shipped
+        assert "no hyperparameter preset" not in caplog.text
+        assert default_hparams(lm, layer=2).layer == 2
+    other = replace(tiny_model, name="/x/other.gguf", gguf_file=Path("/x/other.gguf"))
+    assert session.preset_name(other) is None and session.preset_name(tiny_model) is None
+    for preset in set(session.MODEL_PRESETS.values()):  # every mapped preset is shipped
+        ROMEHyperParams.preset(preset)
+
+
 def test_relative_depth_never_layer_zero_of_a_parallel_block(tokenizer):
     gptj, gpt2 = make_tiny("gptj", tokenizer), make_tiny("gpt2", tokenizer)
     assert relative_depth_layer(gptj) == 1  # round(5/28·4) = 1

@@ -1,7 +1,8 @@
 """Resolving an editing run's inputs: hyperparameters, context templates, statistics.
 
-Shared by the CLI, the demo and scripts so they agree on defaults: the bundled model uses the
-``toy-gptj`` preset.  A model without a preset (:func:`no_preset_hparams`) keeps the reference's
+Shared by the CLI, the demo and scripts so they agree on defaults: a model with a shipped preset
+(:data:`MODEL_PRESETS`: the bundled model's ``toy-gptj``, SmolLM2-135M's GGUF ``smollm2-135m``)
+uses it.  A model without a preset (:func:`no_preset_hparams`) keeps the reference's
 optimisation values (clamp, steps, learning rate, KL, context templates) with
 
 * the edit layer from a causal trace of the requests' own prompt (:func:`default_layer`: the
@@ -49,6 +50,13 @@ from rome_edit.tracing.average import locate
 
 log = logging.getLogger(__name__)
 BUNDLED_NAME = "bundled:toy-gptj"
+# Shipped presets (rome_edit/hparams/NAME.json) by the model's name (``--model``) or, for a model
+# read from a GGUF file, the file's name: values measured on that model (docs/real-model.md).
+MODEL_PRESETS: dict[str, str] = {
+    BUNDLED_NAME: "toy-gptj",
+    "smollm2-135m-gguf": "smollm2-135m",
+    "SmolLM2-135M-Instruct.Q4_1.gguf": "smollm2-135m",
+}
 
 
 # Defaults for a model without a preset (module docstring).
@@ -96,6 +104,13 @@ def default_layer(lm: LoadedModel, prompt: str | None = None,
     return located.recommended_layer
 
 
+def preset_name(lm: LoadedModel) -> str | None:
+    """The shipped preset measured on ``lm`` (:data:`MODEL_PRESETS`), or ``None``."""
+    if lm.name in MODEL_PRESETS:
+        return MODEL_PRESETS[lm.name]
+    return MODEL_PRESETS.get(lm.gguf_file.name) if lm.gguf_file is not None else None
+
+
 def no_preset_hparams(lm: LoadedModel, layer: int) -> ROMEHyperParams:
     """The reference's values with this model's module paths, ``layer``, its last layer as the
     loss layer and statistics on text sampled from the model (module docstring)."""
@@ -117,8 +132,9 @@ def default_hparams(lm: LoadedModel, hparams_file: str | Path | None = None,
     defaults (layer ``layer``, or traced on ``prompt`` over ``subjects``); then overrides."""
     if hparams_file is not None:
         hp = ROMEHyperParams.load(hparams_file)
-    elif lm.name == BUNDLED_NAME:
-        hp = ROMEHyperParams.preset("toy-gptj")
+    elif (preset := preset_name(lm)) is not None:
+        hp = ROMEHyperParams.preset(preset)
+        log.info("hyperparameter preset %s for %s", preset, lm.name)
     else:
         chosen = layer if layer is not None else default_layer(lm, prompt, subjects)
         hp = no_preset_hparams(lm, chosen)

@@ -142,6 +142,7 @@ def run_sweep(
     workers: Workers = SINGLE,
     fluency_per_batch: int = 2,
     protection: Protection | None = None,
+    selection: dict | None = None,
 ) -> dict:
     """Make every request's edit alone, record ``delta = v* − v_orig`` and its scores; resumable.
 
@@ -160,6 +161,8 @@ def run_sweep(
     generations before/after their edit and their n-gram entropy (fluency; generating costs
     more than scoring, so it is sampled).  With ``protection`` every edit's update spares the
     protected keys (:mod:`~rome_edit.forms.protected_keys`); the recorded deltas are the same.
+    ``selection`` (JSON) says how the requests were chosen (the study: only names the model
+    knows, and on which prompt); it is kept in ``sweep.json`` and ``summary.json``.
     Returns the summary (also in ``summary.json``).
     """
     if batch_size < 1:
@@ -181,6 +184,8 @@ def run_sweep(
                 "requests_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()}
     if protection is not None:  # absent for unprotected sweeps, so older folders still resume
         manifest["protection"] = protection.manifest()
+    if selection is not None:  # likewise absent unless given
+        manifest["selection"] = selection
     _check_manifest(out, manifest, workers, lm)
     index = list(range(len(requests)))
     batches = [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
@@ -280,6 +285,7 @@ def merge_sweep(out_dir: str | Path, wall_seconds: float | None = None) -> dict:
         "mean_v_orig_norm": sum(r["v_orig_norm"] for r in rows) / len(rows),
         "hparams": manifest["hparams"], "stats": manifest["stats"],
         **({"protection": manifest["protection"]} if "protection" in manifest else {}),
+        **({"selection": manifest["selection"]} if "selection" in manifest else {}),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

@@ -13,11 +13,11 @@ import torch
 
 from rome_edit.api.analyze import AnalysisSettings, HeldOut, analyze
 from rome_edit.api.analyze import completions as generic_completions
-from rome_edit.evaluation.vectors import VectorApplier
+from rome_edit.evaluation.vectors import BinaryTask, VectorApplier
 from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.compute import SecondMomentInverse
 from rome_edit.study.names import NameEntry
-from rome_edit.study.task import GENDER_TASKS, gender_labels
+from rome_edit.study.task import ANSWERS, EDIT_PROMPT, GENDER_TASKS, gender_labels
 
 VECTOR_FILE = "gender_vector.safetensors"
 # Generic (label 1 = female→male) keys → the study's names.
@@ -38,9 +38,16 @@ def in_gender_terms(value):
     return value
 
 
-def heldout_set(names: Sequence[NameEntry]) -> HeldOut:
-    """Held-out names as the generic analysis's subjects, labels and tasks."""
-    return HeldOut(tuple(e.name for e in names), tuple(gender_labels(names)), GENDER_TASKS)
+def gender_tasks(prompt: str = EDIT_PROMPT) -> tuple[BinaryTask, ...]:
+    """The study's tasks with ``prompt`` (the sweep's edit prompt) first, then the
+    paraphrases."""
+    return (BinaryTask(prompt, (ANSWERS["female"], ANSWERS["male"])), *GENDER_TASKS[1:])
+
+
+def heldout_set(names: Sequence[NameEntry], prompt: str = EDIT_PROMPT) -> HeldOut:
+    """Held-out names as the generic analysis's subjects, labels and tasks (on ``prompt``)."""
+    return HeldOut(tuple(e.name for e in names), tuple(gender_labels(names)),
+                   gender_tasks(prompt))
 
 
 def gender_applier(lm: LoadedModel, layer: int, names: Sequence[NameEntry],
@@ -67,9 +74,11 @@ def analyze_gender(
     context_templates: Sequence[str] = ("{}",),
     inverse: SecondMomentInverse | None = None,
     settings: AnalysisSettings | None = None,
+    prompt: str = EDIT_PROMPT,
 ) -> dict:
-    """The study on ``sweep_dir``: ``analysis.json``, ``gender_vector.safetensors``, plots."""
-    result = analyze(sweep_dir, out_dir, lm, heldout_set(heldout) if heldout else None,
+    """The study on ``sweep_dir``: ``analysis.json``, ``gender_vector.safetensors``, plots;
+    held-out flips are measured on ``prompt`` (the sweep's edit prompt) and the paraphrases."""
+    result = analyze(sweep_dir, out_dir, lm, heldout_set(heldout, prompt) if heldout else None,
                      context_templates, inverse, settings or AnalysisSettings(),
                      vector_file=VECTOR_FILE)
     for row in result.get("completions", []):

@@ -28,14 +28,16 @@ def run_gender_sweep(
     inverse: SecondMomentInverse | None = None, batch_size: int = 64,
     neighbour_names: Sequence[NameEntry] | None = None, prompt: str = EDIT_PROMPT,
     progress: bool = True, workers: Workers = SINGLE, fluency_per_batch: int = 2,
-    protection: Protection | None = None,
+    protection: Protection | None = None, selection: dict | None = None,
 ) -> dict:
     """Flip every name's gender and record the deltas, labelled 1 for female→male edits;
     neighbours for specificity come from ``neighbour_names`` (default: ``names``), and each
-    name's city must stay.  Rows also keep the name's original ``gender``."""
+    name's city must stay.  Rows also keep the name's original ``gender``; ``selection``
+    records how the names were chosen (:meth:`rome_edit.study.known.KnownNames.to_json`)."""
     pool = [e.name for e in (neighbour_names or names)]
     return run_sweep(lm, gender_requests(names, prompt), hp, context_templates, out_dir,
                      inverse, batch_size, labels=gender_labels(names), classes=GENDER_CLASSES,
                      extra=[{"gender": e.gender} for e in names], neighbour_pool=pool,
                      kept=[CITY_FACT], progress=progress, workers=workers,
-                     fluency_per_batch=fluency_per_batch, protection=protection)
+                     fluency_per_batch=fluency_per_batch, protection=protection,
+                     selection=selection)

@@ -9,6 +9,7 @@ import json
 from rome_edit.cli.commands_edit import add_editing_args, setup_editor, update_line
 from rome_edit.cli.protect_args import protection_from_args
 from rome_edit.distributed import data_parallel
+from rome_edit.study.known import FEW_SHOT_PROMPT, known_names
 from rome_edit.study.names import load_names
 from rome_edit.study.sweep import run_gender_sweep
 from rome_edit.study.task import EDIT_PROMPT
@@ -25,29 +26,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--batch-size", type=int, default=64,
                        help="names per batch: one shard, one optimisation chunk (default 64; "
                             "GPT-J-6B in float16 on a 24 GB GPU: 8, see docs/scaling.md)")
+    sweep.add_argument("--prompt", default=EDIT_PROMPT,
+                       help="edit prompt with '{}' for the name (default: %(default)r; "
+                            "'few-shot' for the known-only filter's prompt)")
+    sweep.add_argument("--known-only", action="store_true",
+                       help="edit only names the model gets right on --known-prompt (argmax "
+                            "of ' Male'/' Female'), applied before --limit; recorded as "
+                            "'selection' in sweep.json and summary.json")
+    sweep.add_argument("--known-prompt", default=FEW_SHOT_PROMPT,
+                       help="prompt of the known-only filter (default: two examples, then "
+                            "the edit prompt: %(default)r)")
     add_editing_args(sweep, POOL)
     sweep.set_defaults(func=run_sweep_cmd)
 
 
+def prompt_template(text: str) -> str:
+    """``--prompt``/``--known-prompt``: a template with one '{}', or ``few-shot``."""
+    template = FEW_SHOT_PROMPT if text == "few-shot" else text
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt {text!r} needs exactly one '{{}}' where the name goes "
+                         "(or give 'few-shot').")
+    return template
+
+
 def run_sweep_cmd(args: argparse.Namespace) -> int:
+    prompt, known_prompt = prompt_template(args.prompt), prompt_template(args.known_prompt)
     names = load_names(args.names, None if args.names else "edit")
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit {args.limit} leaves no names; give a positive number.")
-        names = names[: args.limit]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} leaves no names; give a positive number.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     neighbours = load_names(args.names) if args.names else load_names()
     with data_parallel() as workers:
-        ed = setup_editor(args, workers, prompt=EDIT_PROMPT, subjects=[e.name for e in names])
+        ed = setup_editor(args, workers, prompt=prompt, subjects=[e.name for e in names])
         lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
+        selection = None
+        if args.known_only:
+            known = known_names(lm, names, known_prompt)
+            names, selection = list(known.names), known.to_json()
+            if workers.is_main:
+                print(f"known-only: {len(known.names)} of {known.n_tested} names right on "
+                      f"{known_prompt!r} (female {known.accuracy_female:.1%}, male "
+                      f"{known.accuracy_male:.1%})", flush=True)
+            if not names:
+                raise ValueError("the model gets no name right on the known-only prompt; "
+                                 "drop --known-only or give another --known-prompt.")
+        if args.limit is not None:
+            names = names[: args.limit]
         if workers.is_main:
             print(update_line(hp.update_form, args.update, args.protect), flush=True)
-        protection = protection_from_args(args, lm, hp.layer, EDIT_PROMPT,
+        protection = protection_from_args(args, lm, hp.layer, prompt,
                                           [e.name for e in neighbours], templates)
         summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
-                                   neighbour_names=neighbours, workers=workers,
-                                   protection=protection)
+                                   neighbour_names=neighbours, prompt=prompt, workers=workers,
+                                   protection=protection, selection=selection)
     if not workers.is_main:
         return 0
     shown = {k: summary[k] for k in ("n_edits", "layer", "efficacy", "paraphrase", "specificity",

@@ -23,6 +23,7 @@ from rome_edit.study.experiment import (
     gender_applier,
     in_gender_terms,
 )
+from rome_edit.study.known import known_names
 from rome_edit.study.names import load_names
 from rome_edit.study.persisted import (
     choose_persist_form,
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="'raw', 'mean-norm' or a multiple of the mean delta norm")
     an.add_argument("--heldout", default=None,
                     help="names CSV to apply the vector to (default: bundled held-out names)")
+    an.add_argument("--known-only", action="store_true",
+                    help="apply the vector only to held-out names the model gets right on the "
+                         "sweep's edit prompt (recorded as 'heldout_selection'); flips are "
+                         "measured on that prompt")
     an.add_argument("--no-model", action="store_true",
                     help="only the delta-space analysis (no flip rates)")
     _context_args(an)
@@ -122,8 +127,21 @@ def run_analyze(args: argparse.Namespace) -> int:
         ed = _editor(lm, int(summary["layer"]), args)
         templates, inverse = ed.context_templates, ed.inverse
         heldout = load_names(args.heldout) if args.heldout else load_names(split="heldout")
+        prompt = summary.get("prompt") or EDIT_PROMPT
+        if args.known_only:
+            known = known_names(lm, heldout, prompt)
+            heldout = list(known.names)
+            print(f"known-only: {len(heldout)} of {known.n_tested} held-out names right on "
+                  f"{prompt!r} (female {known.accuracy_female:.1%}, male "
+                  f"{known.accuracy_male:.1%})")
+            if not heldout:
+                raise ValueError("the model gets no held-out name right on the sweep's "
+                                 "prompt; drop --known-only.")
         result = analyze_gender(args.sweep_dir, args.out, lm, heldout, templates, inverse,
-                                settings)
+                                settings, prompt)
+        if args.known_only:
+            result["heldout_selection"] = known.to_json()
+            (args.out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     c = result["classifier"]
     print(f"classifier test accuracy {c['test_accuracy']:.3f} "
           f"(shuffled labels {c['shuffled_test_accuracy']:.3f})")
