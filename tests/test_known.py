@@ -21,7 +21,8 @@ def test_known_names_keeps_exactly_the_right_answers(tiny_gptj, monkeypatch):
     def fake_choose(model, tokenizer, prompts, candidates):
         seen["prompts"], seen["candidates"] = prompts, candidates
         # index 0 = female answer, 1 = male: Anna right, Peter wrong, Laura right, Tom right
-        return torch.tensor([0, 0, 0, 1])
+        said = {"Anna": 0, "Peter": 0, "Laura": 0, "Tom": 1}
+        return torch.tensor([said[p.rsplit("Name: ", 1)[1].split(".")[0]] for p in prompts])
 
     monkeypatch.setattr(known_module, "choose_between", fake_choose)
     known = known_names(tiny_gptj, ENTRIES)
@@ -34,6 +35,8 @@ def test_known_names_keeps_exactly_the_right_answers(tiny_gptj, monkeypatch):
     assert (known.n_tested, known.accuracy) == (4, 0.75)
     assert (known.accuracy_female, known.accuracy_male) == (1.0, 0.5)
     assert known.to_json()["prompt"] == FEW_SHOT_PROMPT and known.to_json()["n_known"] == 3
+    first = known_names(tiny_gptj, ENTRIES, limit=1, chunk=2)  # stops after the first chunk
+    assert [e.name for e in first.names] == ["Anna"] and first.n_tested == 2
 
     seen.clear()
     monkeypatch.setattr(known_module, "choose_between",
@@ -61,4 +64,4 @@ def test_sweep_known_only_edits_and_records_only_known_names(saved_model, tmp_pa
     assert summary["prompt"] == FEW_SHOT_PROMPT
     assert summary["n_edits"] == min(2, selection["n_known"])
     assert json.loads((out / "sweep.json").read_text())["selection"] == selection
-    assert f"known-only: {selection['n_known']} of 4 names" in printed.out
+    assert f"known-only: {selection['n_right']} of 4 names" in printed.out

@@ -42,36 +42,48 @@ class KnownNames:
     names: tuple[NameEntry, ...]
     prompt: str
     n_tested: int
+    n_right: int  # of the names tested (``names`` may stop at a limit)
     accuracy_female: float
     accuracy_male: float
 
     @property
     def accuracy(self) -> float:
-        return len(self.names) / self.n_tested if self.n_tested else 0.0
+        return self.n_right / self.n_tested if self.n_tested else 0.0
 
     def to_json(self) -> dict:
         """What a sweep's manifest and summary record as its ``selection``."""
         return {"filter": "known-only", "prompt": self.prompt, "n_tested": self.n_tested,
+                "n_right": self.n_right,
                 "n_known": len(self.names), "accuracy": self.accuracy,
                 "accuracy_female": self.accuracy_female, "accuracy_male": self.accuracy_male}
 
 
 def known_names(lm: LoadedModel, names: Sequence[NameEntry], prompt: str = FEW_SHOT_PROMPT,
-                answers: dict[str, str] = ANSWERS) -> KnownNames:
+                answers: dict[str, str] = ANSWERS, limit: int | None = None,
+                chunk: int = 64) -> KnownNames:
     """``names`` whose gender ``lm`` gets right on ``prompt`` (argmax of the two ``answers``),
-    in their original order; names used as examples in ``prompt`` are left out."""
-    tested = [e for e in names
-              if not (e.name in _PREFIX_NAMES and prompt.startswith(FEW_SHOT_PREFIX))]
-    if not tested:
+    in their original order; names used as examples in ``prompt`` are left out.  With
+    ``limit``, names are tested ``chunk`` at a time until ``limit`` are known (the figures then
+    cover the names tested), since scoring every name of a long list costs minutes on a CPU."""
+    pool = [e for e in names
+            if not (e.name in _PREFIX_NAMES and prompt.startswith(FEW_SHOT_PREFIX))]
+    if not pool:
         raise ValueError("no names to test for the known-only filter; give a names list.")
-    truth = torch.tensor([0 if e.gender == "female" else 1 for e in tested])
-    pred = choose_between(lm.model, lm.tokenizer, [fill(prompt, e.name) for e in tested],
-                          [answers["female"], answers["male"]])
-    right = (pred == truth).tolist()
+    tested: list[NameEntry] = []
+    right: list[bool] = []
+    for start in range(0, len(pool), chunk if limit is not None else len(pool)):
+        part = pool[start: start + (chunk if limit is not None else len(pool))]
+        truth = torch.tensor([0 if e.gender == "female" else 1 for e in part])
+        pred = choose_between(lm.model, lm.tokenizer, [fill(prompt, e.name) for e in part],
+                              [answers["female"], answers["male"]])
+        tested += part
+        right += (pred == truth).tolist()
+        if limit is not None and sum(right) >= limit:
+            break
 
     def rate(gender: str) -> float:
         hits = [r for r, e in zip(right, tested) if e.gender == gender]
         return sum(hits) / len(hits) if hits else float("nan")
 
-    kept = tuple(e for r, e in zip(right, tested) if r)
-    return KnownNames(kept, prompt, len(tested), rate("female"), rate("male"))
+    kept = tuple(e for r, e in zip(right, tested) if r)[:limit]
+    return KnownNames(kept, prompt, len(tested), sum(right), rate("female"), rate("male"))

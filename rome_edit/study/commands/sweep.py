@@ -62,10 +62,10 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
         selection = None
         if args.known_only:
-            known = known_names(lm, names, known_prompt)
+            known = known_names(lm, names, known_prompt, limit=args.limit)
             names, selection = list(known.names), known.to_json()
             if workers.is_main:
-                print(f"known-only: {len(known.names)} of {known.n_tested} names right on "
+                print(f"known-only: {known.n_right} of {known.n_tested} names right on "
                       f"{known_prompt!r} (female {known.accuracy_female:.1%}, male "
                       f"{known.accuracy_male:.1%})", flush=True)
             if not names:
