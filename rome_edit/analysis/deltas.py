@@ -28,13 +28,12 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from rome_edit.storage import read_tensor_entry
-
 from rome_edit.analysis.box_vector import make_concept_vector
 from rome_edit.analysis.classifier import ClassifierResult, train_classifier
 from rome_edit.analysis.concept_vector import ConceptVector, ScaleSpec
 from rome_edit.analysis.directions import ConceptDirections, candidate_directions
 from rome_edit.analysis.errors import DEFAULT_CLASSES, DeltaSetError, require_both_classes
+from rome_edit.storage import read_tensor_entry
 
 log = logging.getLogger(__name__)
 
