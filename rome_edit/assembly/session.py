@@ -38,11 +38,11 @@ from rome_edit.models.architectures import mlp_widths
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
-from rome_edit.rome.compute import SecondMomentInverse, Solver
 from rome_edit.rome.context import load_context_templates, sample_context_templates
 from rome_edit.rome.hparams import MODULE_KEYS, ROMEHyperParams, UpdateForm
 from rome_edit.stats.cache import cached_second_moment
 from rome_edit.stats.corpus import TextCorpus, resolve_corpus
+from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.stats.second_moment import SecondMoment
 from rome_edit.stats.stability import Stability
 from rome_edit.tracing.average import locate
@@ -159,7 +159,7 @@ def inverse_for(
     lm: LoadedModel, hp: ROMEHyperParams, stats_file: str | Path | None = None,
     corpus: str | TextCorpus | None = None, cache_dir: str | Path | None = None,
     progress: bool = True, workers: Workers = SINGLE, until_stable: Stability | None = None,
-) -> SecondMomentInverse | None:
+) -> InverseSecondMoment | None:
     """``C⁻¹`` for the edit layer: a stats file, else the on-disk cache (computing on a miss).
 
     ``until_stable``: compute ``C`` only until ``u = C⁻¹k`` of its probe keys settles
@@ -186,7 +186,7 @@ def inverse_for(
                   "d_mlp": stats.d_mlp, "corpus_id": stats.corpus_id,
                   "n_documents": stats.n_documents, "n_tokens": stats.n_tokens,
                   "dtype": stats.dtype, "ridge": hp.mom2_ridge, "path": str(path)}
-    return SecondMomentInverse(stats.inverse(hp.mom2_ridge), provenance)
+    return stats.inverse(hp.mom2_ridge).with_provenance(provenance)
 
 
 # layer, mom2_adjustment, mom2_dataset, mom2_n_samples, mom2_dtype, mom2_ridge
@@ -244,7 +244,7 @@ class Session:
         elif context_templates is not None:
             self._templates = list(context_templates)
         self._hparams = hparams
-        self._inverse: SecondMomentInverse | None = None
+        self._inverse: InverseSecondMoment | None = None
         self._inverse_key: _StatsKey | None = None
         self._corpora: dict[str, TextCorpus] = {}
 
@@ -295,7 +295,7 @@ class Session:
         self._templates = list(templates)
 
     @property
-    def inverse(self) -> SecondMomentInverse | None:
+    def inverse(self) -> InverseSecondMoment | None:
         """``C⁻¹`` at the edit layer (None when the hyperparameters turn it off); recomputed
         or read from the cache when the layer or statistics settings change."""
         hp = self._hparams
@@ -306,19 +306,19 @@ class Session:
         return self._inverse
 
     @property
-    def solver(self) -> Solver | None:
-        """``C⁻¹``'s solver at the edit layer (None without statistics: plain least squares)."""
-        inverse = self.inverse
-        return inverse.solver if inverse is not None else None
+    def solver(self) -> InverseSecondMoment | None:
+        """``C⁻¹`` at the edit layer, as what the editing forms take (the same object as
+        :attr:`inverse`; None without statistics: plain least squares)."""
+        return self.inverse
 
-    def inverse_at(self, layer: int) -> SecondMomentInverse | None:
+    def inverse_at(self, layer: int) -> InverseSecondMoment | None:
         """``C⁻¹`` at ``layer`` with the session's statistics settings (kept only for the
         edit layer: one inverse is ``d_mlp²`` numbers)."""
         if layer == self.layer:
             return self.inverse
         return self._inverse_of(self._hparams.with_layer(layer))
 
-    def _inverse_of(self, hp: ROMEHyperParams) -> SecondMomentInverse | None:
+    def _inverse_of(self, hp: ROMEHyperParams) -> InverseSecondMoment | None:
         corpus = self._text_corpus(hp) if hp.mom2_adjustment and self._stats is None else None
         return inverse_for(self.lm, hp, self._stats, corpus, cache_dir=self._cache_dir,
                            progress=self.progress, workers=self._workers,

@@ -9,8 +9,10 @@ output at the subject's last token by a hook.  It is the plain implementation th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,7 +25,7 @@ from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.request import EditRequest, PromptLayout, rewriting_layouts
 from rome_edit.rome.value_loop import EARLY_STOP_LOSS, optimise_deltas
 
-__all__ = ["FullForward", "ValueResult", "loss_layer_of", "optimize_value"]
+__all__ = ["FullForward", "ValueResult", "loss_layer_of", "optimise_value", "optimize_value"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class FullForward:
         return self._v_init
 
 
-def optimize_value(
+def optimise_value(
     lm: LoadedModel, request: EditRequest, hp: ROMEHyperParams, context_templates: Sequence[str],
     early_stop_loss: float = EARLY_STOP_LOSS,
 ) -> ValueResult:
@@ -112,3 +114,11 @@ def optimize_value(
     out = optimise_deltas(FullForward(lm, [[*layouts, kl]], hp), hp, early_stop_loss)
     return ValueResult(out.v_init[0].cpu(), out.delta[0].detach().cpu(), out.losses[0],
                        out.nlls[0])
+
+
+def optimize_value(*args: Any, **kwargs: Any) -> ValueResult:
+    """Deprecated spelling of :func:`optimise_value` (the project writes British English);
+    removed in 1.0."""
+    warnings.warn("optimize_value is deprecated; use optimise_value (same arguments).",
+                  DeprecationWarning, stacklevel=2)
+    return optimise_value(*args, **kwargs)

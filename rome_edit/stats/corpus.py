@@ -22,12 +22,11 @@ keyed by it:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rome_edit.errors import ParameterError
 from rome_edit.models.loading import LoadedModel
+from rome_edit.stats.text_corpus import CorpusError, TextCorpus
 from rome_edit.study.corpus import iter_documents
 from rome_edit.study.names import load_names
 
@@ -35,24 +34,6 @@ from rome_edit.study.names import load_names
 BUNDLED_SEED = 0
 BUNDLED_DOCS_PER_NAME = 40
 BUNDLED_FILLER_PER_NAME = 16
-
-
-class CorpusError(ParameterError):
-    """A corpus that cannot be read; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class TextCorpus:
-    """A re-iterable source of documents and the id that names its exact text."""
-
-    corpus_id: str
-    documents: Callable[[], Iterator[str]]
-    # Materialise the first n documents now: a corpus that runs the model to make its text
-    # (``sampled``) must do so before the statistics pass installs its hooks.
-    prepare: Callable[[int], None] | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self.documents()
 
 
 def _short_hash(chunks: Iterable[bytes]) -> str:
@@ -158,7 +139,7 @@ def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
         if lm is None:
             raise CorpusError("the 'sampled' corpus is text sampled from the model; it needs "
                               "the model (pass lm=...).")
-        # Imported here: the sampling module builds on this one's TextCorpus.
+        # Imported here: sampling runs the model, which the other corpora never need.
         from rome_edit.stats.sampled import sampled_corpus
 
         return sampled_corpus(lm, seed=int(seed))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from rome_edit.models.compat import cache_kwargs, output_cache
 from rome_edit.models.loading import LoadedModel
-from rome_edit.stats.corpus import CorpusError, TextCorpus
+from rome_edit.stats.text_corpus import CorpusError, TextCorpus
 
 log = logging.getLogger(__name__)
 

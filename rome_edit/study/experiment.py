@@ -15,7 +15,7 @@ from rome_edit.api.analyze import AnalysisSettings, HeldOut, analyze
 from rome_edit.api.analyze import completions as generic_completions
 from rome_edit.evaluation.vectors import VectorApplier
 from rome_edit.models.loading import LoadedModel
-from rome_edit.rome.compute import SecondMomentInverse
+from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import GENDER_TASKS, gender_labels
 
@@ -44,7 +44,7 @@ def heldout_set(names: Sequence[NameEntry]) -> HeldOut:
 
 
 def gender_applier(lm: LoadedModel, layer: int, names: Sequence[NameEntry],
-                   context_templates: Sequence[str], inverse: SecondMomentInverse | None
+                   context_templates: Sequence[str], inverse: InverseSecondMoment | None
                    ) -> VectorApplier:
     """A :class:`VectorApplier` over ``names`` on the gender prompt and its paraphrases."""
     return VectorApplier(lm, layer, [e.name for e in names], gender_labels(names), GENDER_TASKS,
@@ -65,7 +65,7 @@ def analyze_gender(
     lm: LoadedModel | None = None,
     heldout: Sequence[NameEntry] = (),
     context_templates: Sequence[str] = ("{}",),
-    inverse: SecondMomentInverse | None = None,
+    inverse: InverseSecondMoment | None = None,
     settings: AnalysisSettings | None = None,
 ) -> dict:
     """The study on ``sweep_dir``: ``analysis.json``, ``gender_vector.safetensors``, plots."""
