@@ -28,8 +28,8 @@ from rome_edit.rome.request import EditRequest
 from rome_edit.rome.solver import SecondMomentInverse, Solver, SolverWithProvenance
 from rome_edit.rome.update import rank_one_update
 from rome_edit.rome.value_batched import optimise_values
-from rome_edit.rome.value_loop import EARLY_STOP_LOSS
-from rome_edit.rome.value_reference import loss_layer_of, optimise_value
+from rome_edit.rome.value_loop import EARLY_STOP_LOSS, loss_layer_of
+from rome_edit.rome.value_reference import optimise_value
 
 log = logging.getLogger(__name__)
 

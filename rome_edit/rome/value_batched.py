@@ -37,8 +37,7 @@ from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.prefix_pass import PromptBatch, prefix_pass
 from rome_edit.rome.request import EditRequest, rewriting_layouts
 from rome_edit.rome.suffix_step import step_logits
-from rome_edit.rome.value_loop import EARLY_STOP_LOSS, optimise_deltas
-from rome_edit.rome.value_reference import ValueResult, loss_layer_of
+from rome_edit.rome.value_loop import EARLY_STOP_LOSS, ValueResult, loss_layer_of, optimise_deltas
 
 __all__ = ["SuffixProblem", "optimise_values", "optimize_values"]
 
