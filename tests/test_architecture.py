@@ -287,3 +287,16 @@ def test_the_weight_write_check_sees_a_copy(tmp_path):
         "from rome_edit.models.architectures import out_proj_weight\n"
         "out_proj_weight(m, a, 1).copy_(w)\n")
     assert weight_writes(tmp_path) == ["x.py:2 calls .copy_"]
+
+
+def test_only_the_study_commands_use_the_cli():
+    """The study's library modules never import the CLI; its commands (``study/commands``) may
+    reuse the CLI's shared argument helpers, and ``cli/main.py`` only registers them."""
+    bad = []
+    for path in sorted((PACKAGE / "study").rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[:2] == ("study", "commands"):
+            continue
+        bad += [f"{rel} imports rome_edit.{m}" for m in rome_imports(path)
+                if m.split(".")[0] == "cli"]
+    assert not bad, "\n".join(bad)
