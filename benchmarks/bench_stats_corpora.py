@@ -31,8 +31,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rome_edit.assembly.session import Session
 from rome_edit.models.loading import wrap_model
-from rome_edit.rome.context import sample_context_templates
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.key import key_stars
 from rome_edit.stats.corpus import TextCorpus
@@ -112,7 +112,8 @@ def main() -> None:
 
     names = [e.name for e in balanced_names(load_names(split="edit"), args.names)]
     hp = ROMEHyperParams.preset("gpt-j-6b")
-    templates = sample_context_templates(lm, hp.context_template_length_params, seed=0)
+    # the templates an edit would use: the Session samples them (seed 0); no C is computed
+    templates = Session(lm, hp.with_layer(args.layer), progress=False).context_templates
     k_star = key_stars(lm, args.layer, [PROMPT] * len(names), names, templates)
     u = {name: torch.linalg.solve(c.double(), k_star.double().T).T
          for name, c in matrices.items()}

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-from rome_edit.stats.corpus import CorpusError, TextCorpus
+from rome_edit.stats.text import CorpusError, TextCorpus
 
 __all__ = ["DOCUMENT_CHARS", "HANDBOOK_ENV", "HANDBOOK_ROOT", "INSTALL", "handbook_corpus",
            "handbook_installed", "handbook_root", "page_paragraphs"]
