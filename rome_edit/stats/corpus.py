@@ -14,6 +14,9 @@ keyed by it:
 * ``hf:NAME[:CONFIG]``: the ``text`` field of a Hugging Face dataset's train split, streamed
   (needs the optional ``datasets`` package, asked for only when this corpus is), id
   ``hf:NAME[:CONFIG]:train``;
+* ``debian-handbook``: real English prose from a package registry, the Debian Administrator's
+  Handbook (``apt-get install debian-handbook``; :mod:`rome_edit.stats.handbook`), id
+  ``debian-handbook:<sha256[:12]>``;
 * ``sampled`` / ``sampled:SEED``: text sampled from the model itself
   (:mod:`rome_edit.stats.sampled`; a warning says what that means), id
   ``sampled:<fingerprint>:seed<SEED>:len<L>:batch<B>``.
@@ -26,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rome_edit.models.loading import LoadedModel
+from rome_edit.stats.handbook import handbook_corpus
+from rome_edit.stats.sampled import sampled_corpus
 from rome_edit.stats.text_corpus import CorpusError, TextCorpus
 from rome_edit.study.corpus import iter_documents
 from rome_edit.study.names import load_names
@@ -34,6 +39,12 @@ from rome_edit.study.names import load_names
 BUNDLED_SEED = 0
 BUNDLED_DOCS_PER_NAME = 40
 BUNDLED_FILLER_PER_NAME = 16
+
+
+__all__ = ["HANDBOOK", "CorpusError", "TextCorpus", "bundled_corpus", "file_corpus",
+           "folder_corpus", "hf_corpus", "resolve_corpus", "tokenize_documents"]
+
+HANDBOOK = "debian-handbook"  # the named real-text corpus (rome_edit.stats.handbook)
 
 
 def _short_hash(chunks: Iterable[bytes]) -> str:
@@ -126,11 +137,14 @@ def hf_corpus(name: str, config: str | None = None, split: str = "train",
 
 def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
                    lm: LoadedModel | None = None) -> TextCorpus:
-    """``None``/``"bundled"``, ``"hf:NAME[:CONFIG]"``, ``"sampled[:SEED]"`` (needs ``lm``, the
-    model to sample from), a text file, or a folder of .txt files."""
+    """``None``/``"bundled"``, ``"debian-handbook"``, ``"hf:NAME[:CONFIG]"``,
+    ``"sampled[:SEED]"`` (needs ``lm``, the model to sample from), a text file, or a folder of
+    .txt files."""
     if spec is None or str(spec) == "bundled":
         return bundled_corpus()
     text = str(spec)
+    if text == HANDBOOK:
+        return handbook_corpus()
     if text == "sampled" or text.startswith("sampled:"):
         seed = text.partition(":")[2] or "0"
         if not seed.isdigit():
@@ -139,9 +153,6 @@ def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
         if lm is None:
             raise CorpusError("the 'sampled' corpus is text sampled from the model; it needs "
                               "the model (pass lm=...).")
-        # Imported here: sampling runs the model, which the other corpora never need.
-        from rome_edit.stats.sampled import sampled_corpus
-
         return sampled_corpus(lm, seed=int(seed))
     if text.startswith("hf:"):
         name, _, config = text[3:].partition(":")

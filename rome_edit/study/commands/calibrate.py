@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hparams JSON whose other values the grid keeps (default: the preset, "
                         "or the no-preset defaults)")
     p.add_argument("--corpus", default=None,
-                   help="statistics corpus: bundled, sampled[:SEED], a folder or file, hf:NAME "
+                   help="statistics corpus: bundled, debian-handbook, sampled[:SEED], a folder or "
+                        "file, hf:NAME "
                         "(default: the base hparams' mom2_dataset)")
     p.add_argument("--context-templates", default=None,
                    help="JSON list of templates with '{}' (default: sampled from the model)")
