@@ -122,8 +122,8 @@ def handbook_corpus(root: str | Path | None = None,
         raise CorpusError(f"the 'debian-handbook' corpus reads the Debian Administrator's "
                           f"Handbook from {root}, which holds no .html pages: install it with "
                           f"'{INSTALL}' (Debian/Ubuntu) or set {HANDBOOK_ENV} to a folder of "
-                          "its en-US pages, or pass another corpus (--corpus DIR of .txt "
-                          "files, 'sampled').")
+                          "its en-US pages, or pass another corpus (corpus='DIR', a folder "
+                          "of .txt files, or 'sampled').", parameters=("corpus",))
     if document_chars < 1:
         raise CorpusError(f"document_chars must be >= 1, got {document_chars}.")
     digest = hashlib.sha256(f"chars{document_chars}".encode())
