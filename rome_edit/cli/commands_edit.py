@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.cli.protect_args import add_protect_args, protection_from_args
+from rome_edit.cli.protect_args import add_protect_args, protect_label, protection_from_args
 from rome_edit.distributed import SINGLE, Workers, data_parallel
 from rome_edit.evaluation.evaluate import generations
 from rome_edit.forms.protected_keys import protect_records
@@ -79,27 +79,27 @@ def update_line(update_form: str, asked_update: str | None, protect: str | None)
     """The one line ``edit``/``sweep`` print: which update they write and why.  Single edits
     and sweeps keep ROME's paper-form rank-one update by default (parity with Meng et al.
     2022), where ``apply --persist`` defaults to a protected form."""
-    protected = protect is not None and protect != "none"
+    protected = protect is not None
     if asked_update is None and update_form == "paper" and not protected:
         return ("update: ROME's rank-one update, paper form, no protection (the default, as in "
                 "the paper; --protect other-names spares other names' keys, "
                 "docs/beyond-rome.md)")
     why = "--update" if asked_update is not None else "the hparams' update_form"
     return (f"update: ROME's rank-one update, {update_form} form ({why}), "
-            + (f"protecting {protect} (--protect)" if protected else "no protection"))
+            + (f"protecting {protect}" if protected else "no protection"))
 
 
 def run_edit(args: argparse.Namespace) -> int:
     request = EditRequest(args.subject, args.prompt, args.target)
     ed = _setup(args, prompt=args.prompt, subjects=[args.subject])
     lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
-    print(update_line(hp.update_form, args.update, args.protect))
+    print(update_line(hp.update_form, args.update, protect_label(args, hp)))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
     (record,) = compute_edits(lm, [request], hp, templates, inverse, progress=False)
     protection = protection_from_args(args, lm, hp.layer, args.prompt,
-                                      [e.name for e in load_names()], templates)
+                                      [e.name for e in load_names()], templates, hp)
     if protection is not None:
         (record,) = protect_records(lm, [record], protection, ed.solver)
     gens = generations(lm, record)
@@ -134,9 +134,9 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         ed = _setup(args, workers, prompt=EDIT_PROMPT, subjects=[e.name for e in names])
         lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
         if workers.is_main:
-            print(update_line(hp.update_form, args.update, args.protect), flush=True)
+            print(update_line(hp.update_form, args.update, protect_label(args, hp)), flush=True)
         protection = protection_from_args(args, lm, hp.layer, EDIT_PROMPT,
-                                          [e.name for e in neighbours], templates)
+                                          [e.name for e in neighbours], templates, hp)
         summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
                                    neighbour_names=neighbours, workers=workers,
                                    protection=protection)

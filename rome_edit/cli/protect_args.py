@@ -1,4 +1,8 @@
-"""``--protect`` and its companions, shared by ``edit``, ``sweep`` and ``apply``."""
+"""``--protect`` and its companions, shared by ``edit``, ``sweep`` and ``apply``.
+
+``edit`` and ``sweep`` also honour the protection an hparams file carries (its ``"protect"``
+key, written by ``rome-edit calibrate``; :mod:`rome_edit.forms.recipe`) when ``--protect`` is
+not given; any ``--protect`` (``none`` included) overrides the file."""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from rome_edit.forms.protected_keys import (
     build_bank,
     read_names_file,
 )
+from rome_edit.forms.recipe import HPARAMS_KEY, ProtectRecipe
 from rome_edit.models.loading import LoadedModel
+from rome_edit.rome.hparams import ROMEHyperParams
 
 _DEFAULT = ProtectSettings()
 NO_PROTECTION = "none"
@@ -45,11 +51,35 @@ def add_protect_args(p: argparse.ArgumentParser) -> None:
                         "the run's names, else the bundled names)")
 
 
+def file_recipe(args: argparse.Namespace, hparams: ROMEHyperParams | None
+                ) -> ProtectRecipe | None:
+    """The hparams file's protection, where ``--protect`` does not override it."""
+    if args.protect is not None or hparams is None:
+        return None
+    return ProtectRecipe.from_hparams(hparams)
+
+
+def protect_label(args: argparse.Namespace, hparams: ROMEHyperParams | None = None
+                  ) -> str | None:
+    """What the command protects and who asked, for its ``update:`` line (``None``: nothing)."""
+    recipe = file_recipe(args, hparams)
+    if recipe is not None:
+        return f"{recipe.label()} (the hparams file's {HPARAMS_KEY!r})"
+    if args.protect is None or args.protect == NO_PROTECTION:
+        return None
+    return f"{args.protect} (--protect)"
+
+
 def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, prompt: str,
-                         pool: Sequence[str], context_templates: Sequence[str]
-                         ) -> Protection | None:
-    """The protection the arguments ask for (``None`` without ``--protect`` or with
-    ``--protect none``)."""
+                         pool: Sequence[str], context_templates: Sequence[str],
+                         hparams: ROMEHyperParams | None = None) -> Protection | None:
+    """The protection the arguments ask for, else the one ``hparams`` carries (``None``
+    without either, or with ``--protect none``)."""
+    recipe = file_recipe(args, hparams)
+    if recipe is not None:
+        if args.protect_names is not None:
+            pool = read_names_file(args.protect_names)
+        return recipe.build(lm, layer, prompt, pool, context_templates)
     if args.protect is None or args.protect == NO_PROTECTION:
         return None
     settings = ProtectSettings(args.protect_form, args.protect_weight, args.protect_threshold)
