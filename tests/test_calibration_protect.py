@@ -144,3 +144,16 @@ def test_chosen_protection_round_trips_into_edit_and_sweep(saved, tmp_path, caps
     assert summary["protection"]["weight"] == 0.5 and summary["protection"]["form"] == "soft"
     lines = (tmp_path / "sw" / "records.jsonl").read_text().splitlines()
     assert all(json.loads(x)["protect_form"] == "soft" for x in lines)
+
+
+def test_bad_protect_key_is_refused_before_any_edit(saved, tmp_path, capsys):
+    model, _ = saved
+    data = json.loads((tmp_path / "protected.json").read_text())
+    data["protect"] = {"source": "other-names", "form": "wide"}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    code = main(["edit", "--model", str(model), "--hparams", str(tmp_path / "bad.json"),
+                 "--subject", "Anna", "--prompt", "Name: {}. Gender:", "--target", " Male",
+                 "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'protect' has form 'wide'" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
