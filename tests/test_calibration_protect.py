@@ -165,3 +165,9 @@ def test_bad_protect_key_is_refused_before_any_edit(saved, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "'protect' has form 'wide'" in err and "Traceback" not in err
     assert not (tmp_path / "e").exists()
+
+
+def test_tradeoff_says_when_the_choice_is_also_the_most_effective():
+    c = choose([row(eff=1.0, rand=0.98), row(eff=0.5, rand=0.97)])
+    assert not c.rule_met and c.index == 0
+    assert "it is also the most effective candidate" in c.tradeoff

@@ -173,7 +173,9 @@ def choose(rows: Sequence[dict], rule: ChoiceRule = ChoiceRule()) -> Choice:
            f"highest efficacy among the {len(near)} candidates within "
            f"{_pct(rule.fallback_margin)} of the best specificity ({_describe(rows[best])}: "
            f"efficacy {_pct(eff(best))}, random-name specificity {_pct(spec(best))}), keeping "
-           f"other names' facts first; the most effective candidate "
-           f"({_describe(rows[most])}) reaches efficacy {_pct(eff(most))} at specificity "
-           f"{_pct(spec(most))} — see the frontier ({len(front)} of {len(rows)} candidates).")
+           "other names' facts first; "
+           + ("it is also the most effective candidate" if eff(most) <= eff(best) else
+              f"the most effective candidate ({_describe(rows[most])}) reaches efficacy "
+              f"{_pct(eff(most))} at specificity {_pct(spec(most))}")
+           + f" — see the frontier ({len(front)} of {len(rows)} candidates).")
     return Choice(best, False, (), why, front)

@@ -49,21 +49,23 @@ def frontier_table(result: CalibrationResult) -> str:
 
 
 def plot_frontier(result: CalibrationResult, path: Path) -> Path:
-    """Efficacy against random-name specificity of every candidate, the front as a line, the
-    rule's specificity floor and the chosen candidate."""
+    """Efficacy against random-name specificity of every candidate (hollow: fluency lost), the
+    front as a line, the rule's specificity floor and the chosen candidate."""
     fig = Figure(figsize=(6.4, 4.2), dpi=150)
     ax = fig.add_subplot()
 
     def spec(r: dict) -> float:
         return 1.0 if r.get("specificity_random") is None else r["specificity_random"]
 
-    plain = [r for r in result.rows if r.get("protect_source") is None]
-    protected = [r for r in result.rows if r.get("protect_source") is not None]
-    ax.scatter([spec(r) for r in plain], [r["efficacy"] for r in plain], marker="o",
-               color="tab:blue", alpha=0.7, label="plain ROME")
-    if protected:
-        ax.scatter([spec(r) for r in protected], [r["efficacy"] for r in protected],
-                   marker="^", color="tab:green", alpha=0.7, label="protected update")
+    for protected, marker, colour, name in ((False, "o", "tab:blue", "plain ROME"),
+                                            (True, "^", "tab:green", "protected update")):
+        group = [r for r in result.rows if (r.get("protect_source") is not None) == protected]
+        for kept in (True, False):  # hollow: fails the rule's fluency floor (not an option)
+            rows = [r for r in group if result.rule.fluency_kept(r) == kept]
+            if rows:
+                ax.scatter([spec(r) for r in rows], [r["efficacy"] for r in rows], marker=marker,
+                           alpha=0.7, facecolors=colour if kept else "none", edgecolors=colour,
+                           label=name + ("" if kept else ", fluency lost"))
     front = [result.rows[i] for i in result.choice.frontier]
     ax.plot([spec(r) for r in front], [r["efficacy"] for r in front], "-", color="grey",
             zorder=1, label="Pareto front")
