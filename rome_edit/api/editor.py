@@ -210,7 +210,9 @@ class Editor(Session):
         """Measure a grid of layers × clamps × steps on ``requests`` and choose one by a
         documented rule (:func:`rome_edit.calibration.calibrate`; ``options`` such as
         ``neighbour_pool``, ``kept``, ``grid``, ``rule`` go to it).  With ``use`` the editor
-        edits with the chosen hyperparameters from now on."""
+        edits with the chosen hyperparameters from now on; a chosen protected update is in
+        ``result.hparams.extra["protect"]`` and is passed per call
+        (``ProtectRecipe.from_hparams(...).build(...)`` → ``protection=``)."""
         from rome_edit.calibration import calibrate
 
         options.setdefault("corpus", self._corpus)
@@ -219,6 +221,11 @@ class Editor(Session):
         result = calibrate(self.lm, requests, **options)
         if use:
             self._hparams = result.hparams
+            if "protect" in result.hparams.extra:
+                log.warning("calibrate chose a protected update (%s); the editor protects only "
+                            "when given protection= (rome_edit.forms.recipe.ProtectRecipe"
+                            ".from_hparams(editor.hparams).build(...)), as 'edit' and 'sweep' "
+                            "do from the file.", result.hparams.extra["protect"])
         return result
 
     # --- edits -------------------------------------------------------------------------------
