@@ -133,7 +133,11 @@ def test_chosen_protection_round_trips_into_edit_and_sweep(saved, tmp_path, caps
     model, names = saved
     hp = str(tmp_path / "protected.json")
     edit = ["edit", "--model", str(model), "--hparams", hp, "--subject", "Brittany",
-            "--prompt", "Name: {}. Gender:", "--target", " Male"]
+            "--prompt", "Name: {}. Gender:", "--target", " Male", "--protect-names", str(names)]
+    # the generic edit has no pool of its own: without --protect-names it is refused
+    assert main([*edit[:-2], "--out", str(tmp_path / "e0")]) == 2
+    assert "--protect-names FILE" in capsys.readouterr().err
+    assert not (tmp_path / "e0").exists()
     assert main([*edit, "--out", str(tmp_path / "e1")]) == 0
     printed = capsys.readouterr().out
     assert "protecting other-names, soft, weight 0.5 (the hparams file's 'protect')" in printed
