@@ -106,6 +106,20 @@ def test_tradeoff_when_nothing_meets_the_rule():
     assert not c.rule_met and c.index == 1 and "fail the rule's other floors" in c.tradeoff
 
 
+def test_fluency_is_relaxed_first_when_only_it_stands_in_the_way():
+    """The held-back toy's case: the candidates that keep other names' answers lose 6% fluency
+    on the few calibration prompts (a 200-name sweep found none lost)."""
+    rows = [row(eff=1.0, rand=0.90),                      # fluent, not specific
+            prow(1.0, 0.994, fa=2.107, fb=2.245),         # specific, fluency −6.1%
+            row(eff=1.0, rand=0.995, fa=2.0, fb=2.245)]   # specific, fluency −10.9%
+    c = choose(rows)
+    assert not c.rule_met and c.index == 1 and c.eligible == (1,)
+    assert "fluency, the floor measured on the fewest samples, was relaxed to 10.0%" \
+        in c.tradeoff and "fluency 2.107 against 2.245 unedited" in c.tradeoff
+    # beyond the relaxed tolerance: the specificity fallback, as before
+    assert not choose(rows, ChoiceRule(fallback_fluency_tolerance=0.05)).eligible
+
+
 def test_pareto_front():
     rows = [row(eff=1.0, rand=0.9), row(eff=0.5, rand=1.0), row(eff=0.4, rand=0.95),
             row(eff=0.8, rand=0.95), row(eff=0.8, rand=0.95)]

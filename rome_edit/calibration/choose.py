@@ -15,11 +15,18 @@ Default rule (every threshold a field of :class:`ChoiceRule`):
    clamp, lower layer), plain ROME before a protected update (and a smaller protection weight
    first) — so the choice is deterministic.
 
-If no candidate is eligible, the rule cannot be met and a **trade-off** is chosen instead: among
-the candidates that keep fluency (all of them if none does), those whose random-name
-specificity is within ``fallback_margin`` (default 0.01) of the best such specificity, and of
-those the highest efficacy (ties as above).  :attr:`Choice.rule_met` is False and
-:attr:`Choice.tradeoff` says in one sentence what was given up and why; the caller prints it.
+If no candidate is eligible, the rule cannot be met and a **trade-off** is chosen instead, in
+this order:
+
+a. fluency is the floor measured on the fewest samples (a few generations per candidate), so it
+   is relaxed first, to ``fallback_fluency_tolerance`` (default 10%): if candidates then pass
+   every floor, the most effective of them (ties as above);
+b. else, among the candidates that keep fluency (all of them if none does), those whose
+   random-name specificity is within ``fallback_margin`` (default 0.01) of the best such
+   specificity, and of those the highest efficacy (ties as above).
+
+:attr:`Choice.rule_met` is then False and :attr:`Choice.tradeoff` says in one sentence what was
+given up and why; the caller prints it.
 
 :func:`pareto_front` gives the measured frontier: the candidates no other beats on both
 efficacy and random-name specificity (among those that keep fluency, where any does).
@@ -28,7 +35,7 @@ efficacy and random-name specificity (among those that keep fluency, where any d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["ChoiceRule", "Choice", "choose", "counterfact_score", "pareto_front", "rank_key"]
 
@@ -50,17 +57,20 @@ class ChoiceRule:
     min_specificity_same_last_token: float | None = None
     min_city_kept: float | None = None
     fallback_margin: float = 0.01
+    fallback_fluency_tolerance: float = 0.10
 
     def __post_init__(self) -> None:
         for name in ("min_specificity_random", "fluency_tolerance",
-                     "min_specificity_same_last_token", "min_city_kept", "fallback_margin"):
+                     "min_specificity_same_last_token", "min_city_kept", "fallback_margin",
+                     "fallback_fluency_tolerance"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1] (got {value}).")
 
-    def fluency_kept(self, row: dict) -> bool:
+    def fluency_kept(self, row: dict, tolerance: float | None = None) -> bool:
         before, after = row.get("fluency_before"), row.get("fluency_after")
-        return before is None or after is None or after >= (1 - self.fluency_tolerance) * before
+        tol = self.fluency_tolerance if tolerance is None else tolerance
+        return before is None or after is None or after >= (1 - tol) * before
 
     def failures(self, row: dict) -> list[str]:
         """Why ``row`` is not eligible (empty if it is)."""
@@ -83,7 +93,8 @@ class ChoiceRule:
         return {"min_specificity_random": self.min_specificity_random,
                 "fluency_tolerance": self.fluency_tolerance,
                 "min_specificity_same_last_token": self.min_specificity_same_last_token,
-                "min_city_kept": self.min_city_kept, "fallback_margin": self.fallback_margin}
+                "min_city_kept": self.min_city_kept, "fallback_margin": self.fallback_margin,
+                "fallback_fluency_tolerance": self.fallback_fluency_tolerance}
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,22 @@ def choose(rows: Sequence[dict], rule: ChoiceRule = ChoiceRule()) -> Choice:
                f"effective of them ({_describe(rows[best])}: efficacy {_pct(eff(best))}, "
                f"random-name specificity {_pct(spec(best))}).")
         return Choice(best, True, eligible, why, front)
+    relaxed = replace(rule, fluency_tolerance=max(rule.fluency_tolerance,
+                                                  rule.fallback_fluency_tolerance))
+    almost = tuple(i for i, row in enumerate(rows) if not relaxed.failures(row))
+    if almost:  # (a): only the fluency floor, measured on few samples, stood in the way
+        best = max(almost, key=lambda i: (eff(i), *_tie_key(rows[i])))
+        b = rows[best]
+        why = (f"rule not met: no candidate keeps fluency within "
+               f"{_pct(rule.fluency_tolerance)} together with random-name specificity ≥ "
+               f"{_pct(rule.min_specificity_random)}; fluency, the floor measured on the fewest "
+               f"samples, was relaxed to {_pct(rule.fallback_fluency_tolerance)}, which "
+               f"{len(almost)} candidates meet; chose the most effective of them "
+               f"({_describe(b)}: efficacy {_pct(eff(best))}, random-name specificity "
+               f"{_pct(spec(best))}, fluency {b.get('fluency_after', float('nan')):.3f} against "
+               f"{b.get('fluency_before', float('nan')):.3f} unedited) — check fluency on a "
+               f"larger sweep; see the frontier ({len(front)} of {len(rows)} candidates).")
+        return Choice(best, False, almost, why, front)
     top = max(spec(i) for i in pool)
     near = [i for i in pool if spec(i) >= top - rule.fallback_margin - 1e-12]
     best = max(near, key=lambda i: (eff(i), *_tie_key(rows[i])))
