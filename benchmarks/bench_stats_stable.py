@@ -34,7 +34,6 @@ import torch
 from safetensors.torch import load_file
 
 from rome_edit.api.editor import Editor
-from rome_edit.rome.compute import SecondMomentInverse
 from rome_edit.rome.key import keys_and_values
 from rome_edit.stats.corpus import bundled_corpus
 from rome_edit.stats.second_moment import compute_second_moment
@@ -128,7 +127,7 @@ def main() -> None:
     templates = ed.context_templates
     sweeps = {}
     for name, stats in (("fixed", full), ("stable", early)):
-        inverse = SecondMomentInverse(stats.inverse(), {"model_identity": bundled.identity,
+        inverse = stats.inverse().with_provenance({"model_identity": bundled.identity,
                                                         "layer": hp.layer, "d_mlp": stats.d_mlp})
         with tempfile.TemporaryDirectory() as out:
             summary = run_gender_sweep(bundled, names[: args.sweep], hp, templates, out,

@@ -2,4 +2,4 @@
 (``[tool.setuptools.dynamic]``) and ``rome_edit.__version__`` / ``rome-edit --version`` import it,
 so a source checkout reports the version of the code it holds, installed or not."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

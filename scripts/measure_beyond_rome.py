@@ -127,7 +127,7 @@ def part_generalise(args) -> None:
     entries = {e.name: e for e in names}
     targets = load_targets([SWEEP], lm).subset(args.limit)
     residual = targets.v_star - layer_output(lm, targets.layer, targets.k_star)
-    paper = inverse.solver.solve(targets.k_star.double()).double()
+    paper = inverse.solve(targets.k_star.double()).double()
     paper = paper / (paper * targets.k_star.double()).sum(1, keepdim=True)
     records = [EditRecord(gender_request(entries[s]), lm.identity, targets.layer, {},
                           targets.k_star[i], targets.v_orig[i], targets.v_star[i],
@@ -143,7 +143,7 @@ def part_generalise(args) -> None:
         out[pool_name] = {"protected_pool": len(protected), "neighbour_pool": len(neighbours)}
         for weight in (None, 0.01, 0.1, 0.3):
             recs = records if weight is None else protect_records(
-                lm, records, Protection(bank, ProtectSettings(weight=weight)), inverse.solver)
+                lm, records, Protection(bank, ProtectSettings(weight=weight)), inverse)
             summary = summarize(evaluate_edits(lm, recs, neighbour_pool=neighbours,
                                                kept=[CITY_FACT], progress=False))
             key = "paper" if weight is None else f"protected_weight_{weight:g}"
@@ -198,7 +198,7 @@ def part_persist(args) -> None:
             t0 = time.perf_counter()
             with preserved(lm, [gv.layer]):
                 persist_vector(lm, [e.name for e in heldout], gv.vector.float() * scale * sign,
-                               gv.layer, templates, folder, inverse.solver, form, protection,
+                               gv.layer, templates, folder, inverse, form, protection,
                                mom2 or DEFAULT_MOM2_WEIGHT, progress=False,
                                described={"sign": sign, "scale": scale}, sign=sign)
             seconds = time.perf_counter() - t0
@@ -236,12 +236,12 @@ def part_persist_unseen(args) -> None:
                     fit = fit_vector_write(lm, gv.layer, EDIT_PROMPT, vector, sorted(edited),
                                            [1 if sign > 0 else 0] * len(edited), protected,
                                            (ANSWERS["female"], ANSWERS["male"]),
-                                           inverse.solver)
+                                           inverse)
                     write_fitted(lm, fit, vector)
                 else:
                     targets = vector_targets(lm, gv.layer, sorted(edited), vector, templates,
                                              EDIT_PROMPT)
-                    write_edits(lm, targets, form, inverse.solver, protection,
+                    write_edits(lm, targets, form, inverse, protection,
                                 mom2 or DEFAULT_MOM2_WEIGHT, progress=False)
                 after = model_state(lm, pool)
             moved_to = "male" if sign > 0 else "female"
@@ -272,7 +272,7 @@ def part_persist_tune(args) -> None:
             targets = vector_targets(lm, gv.layer, [e.name for e in tune],
                                      gv.vector.float() * scale * sign, templates, EDIT_PROMPT)
             with preserved(lm, [gv.layer]):
-                write_edits(lm, targets, "batched", inverse.solver,
+                write_edits(lm, targets, "batched", inverse,
                             Protection(banks["all"], ProtectSettings(weight=weight)), mom2,
                             progress=False)
                 after = model_state(lm, pool)
@@ -322,7 +322,7 @@ def part_degrade(args) -> None:
             protection = (Protection(banks[positions], ProtectSettings(weight=weight))
                           if positions else None)
             with preserved(lm, [hp.layer]):
-                res = write_edits(lm, targets, form, inverse.solver, protection, mom2,
+                res = write_edits(lm, targets, form, inverse, protection, mom2,
                                   progress=False)
                 after = model_state(lm, pool, targets.subjects[:n_gen])
             score = score_model(lm, before, after, goal)
@@ -386,7 +386,7 @@ def part_forms(args) -> None:
     everything = load_targets([SWEEP], lm)
     bank = build_bank(lm, hp.layer, EDIT_PROMPT, pool, templates, "other-names")
     k_bare, _ = keys_and_values(lm, hp.layer, [EDIT_PROMPT] * len(pool), pool)
-    c = second_moment_matrix(inverse.solver, bank.keys.shape[1])
+    c = second_moment_matrix(inverse, bank.keys.shape[1])
     index = {n: i for i, n in enumerate(pool)}
     toks = bank.last_tokens
     rows = []
@@ -397,11 +397,11 @@ def part_forms(args) -> None:
             ("null-space", 0.0, 1e-2, "other-names"), ("null-space", 0.0, 1e-3, "other-names")):
         settings = ProtectSettings("hard" if form == "paper" else form, weight or 1.0,
                                    threshold or 1e-2)
-        dirs = ProtectedDirections(bank.keys, settings, inverse.solver)
+        dirs = ProtectedDirections(bank.keys, settings, inverse)
         own, same, cost = [], [], []
         for i in range(0, len(everything.subjects), 25)[: args.limit]:
             j, k = index[everything.subjects[i]], everything.k_star[i]
-            paper = inverse.solver.solve(k[None].double())[0]
+            paper = inverse.solve(k[None].double())[0]
             paper = paper / (paper @ k.double())
             keep = [q for q in range(len(pool)) if q != j and
                     (scope == "other-names" or toks[q] == toks[j])] if form != "paper" else []

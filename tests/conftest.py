@@ -54,6 +54,13 @@ def _config_and_class(family: str):
     }[family]
 
 
+@pytest.fixture(autouse=True)
+def no_installed_handbook(monkeypatch, tmp_path_factory):
+    """Tests see no Debian handbook unless they point ROME_EDIT_HANDBOOK at one: whether the
+    machine has the package installed must not change which corpus a test's defaults pick."""
+    monkeypatch.setenv("ROME_EDIT_HANDBOOK", str(tmp_path_factory.getbasetemp() / "no-handbook"))
+
+
 FAMILIES = ["gptj", "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2"]
 
 

@@ -73,11 +73,11 @@ def synthetic(n: int = 400, d: int = 24, separation: float = 3.0, seed: int = 0,
 
 def test_classifier_separates_and_shuffled_control_is_at_chance():
     ds, _ = synthetic(separation=8.0)
-    res = train_classifier(ds, seed=0)
+    res = train_classifier(ds.deltas, ds.labels, seed=0)
     assert res.test_accuracy >= 0.98 and res.train_accuracy >= 0.98
     assert abs(res.shuffled_test_accuracy - 0.5) < 0.12
     assert (res.n_train, res.n_test) == (280, 120)
-    kfold = cross_validate(ds, k=5, seed=0)
+    kfold = cross_validate(ds.deltas, ds.labels, k=5, seed=0)
     assert kfold.mean >= 0.98 and abs(kfold.shuffled_mean - 0.5) < 0.1
     assert len(kfold.test_accuracies) == 5
 
@@ -108,11 +108,11 @@ def test_box_optimiser_respects_bounds_and_reaches_sign_w():
 
 def test_gender_vector_scales():
     ds, _ = synthetic()
-    clf = train_classifier(ds)
-    raw = make_concept_vector(ds, clf, "raw")
+    clf = train_classifier(ds.deltas, ds.labels)
+    raw = make_concept_vector(ds.deltas, clf, "raw", **ds.provenance)
     assert raw.scale == 1.0 and raw.norm == pytest.approx(np.sqrt(ds.width))
     torch.testing.assert_close(raw.vector.double(), torch.sign(clf.weights).float().double())
-    matched = make_concept_vector(ds, clf, "mean-norm")
+    matched = make_concept_vector(ds.deltas, clf, "mean-norm", **ds.provenance)
     assert matched.norm == pytest.approx(ds.mean_norm, rel=1e-5)
     double = matched.rescaled(2.0)
     assert double.scale_mode == "multiple" and double.multiple == pytest.approx(2.0, rel=1e-5)
@@ -124,7 +124,8 @@ def test_gender_vector_scales():
 
 def test_gender_vector_file_round_trip_and_bad_files(tmp_path):
     ds, _ = synthetic()
-    vec = make_concept_vector(ds, train_classifier(ds), 1.5)
+    vec = make_concept_vector(ds.deltas, train_classifier(ds.deltas, ds.labels), 1.5,
+                              **ds.provenance)
     path = save_concept_vector(vec, tmp_path / "vectors" / "gender.safetensors")
     back = load_concept_vector(path, expected_width=ds.width)
     assert torch.equal(back.vector, vec.vector)
@@ -169,8 +170,8 @@ def test_gender_vector_file_round_trip_and_bad_files(tmp_path):
 
 def test_leace_erasure_leaves_a_probe_at_chance():
     ds, _ = synthetic(n=600, separation=6.0)
-    dirs = candidate_directions(ds, seed=0, inlp_iterations=4, rlace_steps=60)
-    rows = {r.name: r for r in erasure_check(ds, dirs, seed=0)}
+    dirs = candidate_directions(ds.deltas, ds.labels, seed=0, inlp_iterations=4, rlace_steps=60)
+    rows = {r.name: r for r in erasure_check(ds.deltas, ds.labels, dirs, seed=0)}
     assert rows["leace"].accuracy_before > 0.95
     assert abs(rows["leace"].accuracy_after - 0.5) < 0.1
     assert rows["random"].accuracy_after > 0.9  # removing a random direction changes nothing
@@ -181,9 +182,27 @@ def test_leace_erasure_leaves_a_probe_at_chance():
     assert abs(probe.accuracy(erased, ds.labels) - 0.5) < 0.1
 
 
+def test_delta_set_methods_are_the_estimators_on_its_rows():
+    """``ds.probe()``, ``ds.box_vector()`` and ``ds.directions()`` (the public convenience
+    methods) give exactly what the tensor functions give on ``(ds.deltas, ds.labels)``."""
+    ds, _ = synthetic(n=120)
+    clf = train_classifier(ds.deltas, ds.labels, seed=3)
+    probe = ds.probe(seed=3)
+    assert torch.equal(probe.weights, clf.weights) and probe.to_json() == clf.to_json()
+    vec = ds.box_vector(1.5, seed=3)
+    ref = make_concept_vector(ds.deltas, clf, 1.5, **ds.provenance)
+    assert torch.equal(vec.vector, ref.vector) and vec.to_json() == ref.to_json()
+    assert (vec.model_identity, vec.layer, vec.classes) == (ds.model_identity, ds.layer,
+                                                            ds.classes)
+    dirs = ds.directions(seed=3, inlp_iterations=2, rlace_steps=10)
+    again = candidate_directions(ds.deltas, ds.labels, seed=3, inlp_iterations=2, rlace_steps=10)
+    assert torch.equal(dirs.vectors, again.vectors)
+    assert (dirs.model_identity, dirs.layer) == (ds.model_identity, ds.layer)
+
+
 def test_directions_recover_the_planted_direction():
     ds, planted = synthetic(n=600, separation=3.0)
-    dirs = candidate_directions(ds, seed=0, inlp_iterations=4, rlace_steps=80)
+    dirs = candidate_directions(ds.deltas, ds.labels, seed=0, inlp_iterations=4, rlace_steps=80)
     assert dirs.names == DIRECTION_NAMES
     torch.testing.assert_close(dirs.vectors.norm(dim=1), torch.ones(6, dtype=torch.float64))
     for name in ("inlp", "rlace", "mean-difference", "classifier", "leace"):
@@ -221,7 +240,9 @@ def test_delta_set_bad_input_is_refused():
     assert concat([ds, synthetic(n=10, seed=1)[0]]).n == 30
     one_class = ds.subset(ds.labels == 1)
     with pytest.raises(DeltaSetError, match="each label"):
-        train_classifier(one_class)
+        train_classifier(one_class.deltas, one_class.labels, classes=one_class.classes)
+    with pytest.raises(DeltaSetError, match="each label"):
+        one_class.probe()
     bad = ds.deltas.clone()
     bad[3, 0] = float("inf")
     with pytest.raises(DeltaSetError, match="NaN or inf"):
@@ -272,9 +293,10 @@ def test_load_delta_set_from_a_sweep_directory(tmp_path):
 
 def test_plots_write_pngs(tmp_path):
     ds, planted = synthetic(n=100)
-    clf = train_classifier(ds)
+    clf = train_classifier(ds.deltas, ds.labels)
     files = [
-        plot_delta_projection(ds, clf.weights, tmp_path / "proj.png"),
+        plot_delta_projection(ds.deltas, ds.labels, clf.weights, tmp_path / "proj.png",
+                              classes=ds.classes, layer=ds.layer),
         plot_weight_histogram(clf.weights, tmp_path / "weights.png"),
         plot_flip_rates(
             [FlipCurve("box", (0.5, 1.0, 2.0), (0.1, 0.5, 0.9)),

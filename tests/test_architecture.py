@@ -19,7 +19,7 @@ ALLOWED = {
     "weights": {"models", "rome", "weights"},
     "forms": {"models", "rome", "weights", "forms"},
     "evaluation": set(_ENGINE),
-    "forensics": {"models", "rome", "forms", "forensics"},
+    "forensics": {"models", "rome", "weights", "forms", "forensics"},
     "inspection": {"models", "tracing", "inspection"},
     "linearisation": {"models", "linearisation"},
     "assembly": {"models", "tracing", "stats", "rome", "assembly"},
@@ -247,3 +247,56 @@ def test_the_cycle_check_sees_a_loop():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# One write mechanism: weights/write.py is the one module that writes an output projection W_out
+# (rank-one add/subtract, full update, snapshot/restore, copy from another model); every edit
+# form, vector write, revert and forensic undo calls it.  Checked here as: no other module that
+# can reach a weight matrix (imports out_proj_weight or get_weight) calls an in-place method.
+WEIGHT_GETTERS = {"out_proj_weight", "get_weight"}
+IN_PLACE = {"copy_", "add_", "sub_", "mul_", "div_", "zero_", "fill_", "addr_", "addmm_",
+            "set_"}
+WEIGHT_WRITERS = {"weights/write.py"}
+
+
+def weight_writes(package: Path) -> list[str]:
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        tree = ast.parse(path.read_text())
+        reaches = any(isinstance(n, ast.ImportFrom) and any(a.name in WEIGHT_GETTERS
+                                                             for a in n.names)
+                      for n in ast.walk(tree))
+        if not reaches or rel in WEIGHT_WRITERS:
+            continue
+        bad += [f"{rel}:{n.lineno} calls .{n.func.attr}" for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                and n.func.attr in IN_PLACE]
+    return bad
+
+
+def test_one_module_writes_weights():
+    bad = weight_writes(PACKAGE)
+    assert not bad, ("write weights through rome_edit.weights.write (add_rank_one, "
+                     "subtract_rank_one, add_update, snapshot/restore, preserved, "
+                     "copy_layers):\n" + "\n".join(bad))
+
+
+def test_the_weight_write_check_sees_a_copy(tmp_path):
+    (tmp_path / "x.py").write_text(
+        "from rome_edit.models.architectures import out_proj_weight\n"
+        "out_proj_weight(m, a, 1).copy_(w)\n")
+    assert weight_writes(tmp_path) == ["x.py:2 calls .copy_"]
+
+
+def test_only_the_study_commands_use_the_cli():
+    """The study's library modules never import the CLI; its commands (``study/commands``) may
+    reuse the CLI's shared argument helpers, and ``cli/main.py`` only registers them."""
+    bad = []
+    for path in sorted((PACKAGE / "study").rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[:2] == ("study", "commands"):
+            continue
+        bad += [f"{rel} imports rome_edit.{m}" for m in rome_imports(path)
+                if m.split(".")[0] == "cli"]
+    assert not bad, "\n".join(bad)

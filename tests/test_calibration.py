@@ -91,14 +91,25 @@ def test_calibrate_cli_grid_rule_and_file(saved_model, tmp_path, monkeypatch, ca
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "chosen: layer" in printed
-    assert ("update: every candidate edit was ROME's rank-one update, paper form, no protection "
-            "(the default of edit/sweep, as in the paper; the written file keeps update_form "
-            "paper)") in printed.splitlines()
+    # default protected forms: 3 soft weights + same-last-token, on the best 2 per layer
+    assert ("update: 4 candidates with ROME's plain rank-one update (paper form), 16 with a "
+            "protected update") in printed
     report = json.loads((tmp_path / "cal" / "hp-report" / "calibration.json").read_text())
     table = report["table"]
-    assert len(table) == 2 * 2  # layers × clamps (× one step count)
-    assert {(r["layer"], r["clamp_norm_factor"], r["v_num_grad_steps"]) for r in table} == \
+    plain = [r for r in table if r["protect_source"] is None]
+    assert len(plain) == 2 * 2 and len(table) == 4 + 2 * 2 * 4  # layers × clamps (× one step)
+    assert {(r["layer"], r["clamp_norm_factor"], r["v_num_grad_steps"]) for r in plain} == \
         {(a, b, 2) for a in (1, 2) for b in (1.0, 8.0)}
+    assert {(r["protect_source"], r["protect_weight"]) for r in table} == {
+        (None, None), ("other-names", 0.001), ("other-names", 0.01), ("other-names", 0.1),
+        ("same-last-token", 0.01)}
+    # protected variants reuse the plain edits: same optimised delta
+    for r in table:
+        twin = next(p for p in plain if (p["layer"], p["clamp_norm_factor"]) ==
+                    (r["layer"], r["clamp_norm_factor"]))
+        assert r["mean_delta_over_v_orig"] == pytest.approx(twin["mean_delta_over_v_orig"])
+    assert report["tradeoff"] in printed
+    assert report["frontier"] and set(report["frontier"]) <= set(range(len(table)))
     # C once per layer, shared by its candidates
     assert len(list(cache.glob("mom2-layer*.safetensors"))) == 2
     # the rule, recomputed from the table
@@ -116,9 +127,14 @@ def test_calibrate_cli_grid_rule_and_file(saved_model, tmp_path, monkeypatch, ca
         (chosen["layer"], chosen["clamp_norm_factor"], chosen["v_num_grad_steps"],
          chosen["v_loss_layer"])
     assert hp.mom2_dataset == "sampled" and hp.context_template_length_params == ((3, 1),)
+    assert hp.extra.get("protect") == (None if chosen["protect_source"] is None else {
+        "source": chosen["protect_source"], "form": chosen["protect_form"],
+        "weight": chosen["protect_weight"] or 0.01, "threshold": 0.01, "positions": "last"})
     assert report["table"][0]["v_loss_layer"] == 3
     assert (tmp_path / "cal" / "hp-report" / "calibration_layers.png").stat().st_size > 0
-    assert "| layer |" in (tmp_path / "cal" / "hp-report" / "calibration.md").read_text()
+    assert (tmp_path / "cal" / "hp-report" / "calibration_frontier.png").stat().st_size > 0
+    md = (tmp_path / "cal" / "hp-report" / "calibration.md").read_text()
+    assert "| layer |" in md and "Measured frontier" in md and "other-names soft w=0.1" in md
     # ... and it is usable with --hparams
     assert main(["edit", "--model", str(saved_model), "--hparams", str(out), "--subject",
                  "Brittany", "--prompt", "Name: {}. Gender:", "--target", " Male",

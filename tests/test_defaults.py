@@ -38,6 +38,26 @@ def test_no_preset_defaults(tiny_model, caplog):
         (ref.clamp_norm_factor, ref.v_num_grad_steps, ref.kl_factor)
     assert "rome-edit calibrate" in caplog.text
     assert corpus_spec(hp) == "sampled"
+    assert "apt-get install debian-handbook" in caplog.text  # how to get real text instead
+
+
+def test_no_preset_statistics_on_the_handbook_when_installed(tiny_gptj, tmp_path, monkeypatch,
+                                                             caplog):
+    book = tmp_path / "en-US"
+    book.mkdir()
+    prose = ["The system keeps a list of packages.", "Each user has a home directory.",
+             "A server answers requests from the network."]
+    for i, text in enumerate(prose):
+        (book / f"page{i}.html").write_text(f'<html><body><div class="para">{text}</div>'
+                                            "</body></html>")
+    monkeypatch.setenv("ROME_EDIT_HANDBOOK", str(book))
+    with caplog.at_level(logging.WARNING):
+        hp = default_hparams(tiny_gptj, layer=1)
+    assert hp.mom2_dataset == session.NO_PRESET_CORPUS == "debian-handbook"
+    assert "sampled from the model" not in caplog.text and corpus_spec(hp) == "debian-handbook"
+    inv = inverse_for(tiny_gptj, hp, cache_dir=tmp_path / "cache", progress=False)
+    assert inv.provenance["corpus_id"].startswith("debian-handbook:")
+    assert inv.provenance["n_documents"] == len(prose)
 
 
 def test_smollm2_gguf_gets_its_preset(tiny_model, caplog):
@@ -132,7 +152,7 @@ def test_statistics_need_no_optional_package(tiny_gptj, tmp_path, monkeypatch):
                         lambda *a: (_ for _ in ()).throw(AssertionError("sampled again")))
     again = inverse_for(tiny_gptj, hp, cache_dir=tmp_path, progress=False)
     keys = torch.randn(3, tiny_gptj.model.config.n_inner)
-    assert torch.allclose(inv.solver.solve(keys), again.solver.solve(keys))
+    assert torch.allclose(inv.solve(keys), again.solve(keys))
     # the reference's corpus is asked for only by name, and then says what to install
     wiki = ROMEHyperParams.from_dict({**hp.to_dict(), "mom2_dataset": "wikipedia"})
     assert corpus_spec(wiki) == "hf:wikipedia"

@@ -14,8 +14,8 @@ from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.key import key_star, keys_and_values
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
-from rome_edit.rome.value_batched import optimize_values
-from rome_edit.rome.value_reference import optimize_value
+from rome_edit.rome.value_batched import optimise_values
+from rome_edit.rome.value_reference import optimise_value
 from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.weights.write import applied, apply_records
 
@@ -38,7 +38,7 @@ def random_inverse(lm, layer=1, seed=0):
     c = a @ a.T / d_mlp + torch.eye(d_mlp)
     c = (c + c.T) / 2  # a float32 a·aᵀ is not bitwise symmetric on every kernel (docs/numerics.md)
     prov = {"model_identity": lm.identity, "layer": layer, "d_mlp": d_mlp}
-    return SecondMomentInverse(InverseSecondMoment.from_matrix(c), prov), c
+    return InverseSecondMoment.from_matrix(c).with_provenance(prov), c
 
 
 @pytest.mark.parametrize("family", ["gptj", "gpt2", "llama", "gpt_neox"])
@@ -47,9 +47,9 @@ def test_batched_equals_one_at_a_time(tokenizer, family):
 
     lm = make_tiny(family, tokenizer)
     hp = hp_for(lm)
-    fast = optimize_values(lm, REQS, hp, CTX, progress=False)
+    fast = optimise_values(lm, REQS, hp, CTX, progress=False)
     for req, f in zip(REQS, fast):
-        ref = optimize_value(lm, req, hp, CTX)
+        ref = optimise_value(lm, req, hp, CTX)
         assert len(ref.losses) == len(f.losses)
         # Rounding: two float32 orders of the same forward pass and Adam steps; 1e-5 ≈ 80 ε32
         # (no closed bound through the optimiser; measured ≤ 1.7e-6 on both kernel paths).
@@ -71,10 +71,10 @@ def test_shared_loop_equals_the_reference_loop(tokenizer, family, clamp):
 
     lm = make_tiny(family, tokenizer)
     hp = hp_for(lm, clamp_norm_factor=clamp)
-    fast = optimize_values(lm, REQS, hp, CTX, progress=False)
+    fast = optimise_values(lm, REQS, hp, CTX, progress=False)
     for req, f in zip(REQS, fast):
         v_init, delta, losses = reference_value(lm, req, hp, CTX)
-        plain = optimize_value(lm, req, hp, CTX)
+        plain = optimise_value(lm, req, hp, CTX)
         for ours in (plain, f):
             assert len(ours.losses) == len(losses)
             # Rounding, as in test_batched_equals_one_at_a_time (measured ≤ 1.7e-6 of 1e-5).
@@ -89,23 +89,23 @@ def test_early_stop_threshold_is_a_parameter(tiny_gptj):
     hp = hp_for(tiny_gptj, v_num_grad_steps=12)
     for kw in ({}, {"early_stop_loss": 0.0}):
         assert all(len(r.losses) == 12
-                   for r in optimize_values(tiny_gptj, REQS, hp, CTX, progress=False, **kw))
-    at_once = optimize_values(tiny_gptj, REQS, hp, CTX, progress=False, early_stop_loss=1e9)
+                   for r in optimise_values(tiny_gptj, REQS, hp, CTX, progress=False, **kw))
+    at_once = optimise_values(tiny_gptj, REQS, hp, CTX, progress=False, early_stop_loss=1e9)
     assert all(len(r.losses) == 1 and r.delta.abs().max() == 0 for r in at_once)
-    assert len(optimize_value(tiny_gptj, REQS[0], hp, CTX, early_stop_loss=1e9).losses) == 1
-    assert len(optimize_value(tiny_gptj, REQS[0], hp, CTX, early_stop_loss=0.0).losses) == 12
+    assert len(optimise_value(tiny_gptj, REQS[0], hp, CTX, early_stop_loss=1e9).losses) == 1
+    assert len(optimise_value(tiny_gptj, REQS[0], hp, CTX, early_stop_loss=0.0).losses) == 12
 
 
 def test_early_stop_and_clamp(tiny_gptj):
     lm = tiny_gptj
     hp = hp_for(lm, v_num_grad_steps=40, clamp_norm_factor=0.5, v_lr=2.0)
-    for res in optimize_values(lm, REQS, hp, CTX, progress=False):
+    for res in optimise_values(lm, REQS, hp, CTX, progress=False):
         assert res.delta.norm() <= 0.5 * res.v_init.norm() * (1 + 1e-5)
     easy = hp_for(lm, v_num_grad_steps=60, clamp_norm_factor=50, v_lr=1.0, v_weight_decay=0.0,
                   kl_factor=0.0)
-    fast = optimize_values(lm, REQS[:2], easy, CTX, progress=False)
+    fast = optimise_values(lm, REQS[:2], easy, CTX, progress=False)
     for req, res in zip(REQS[:2], fast):
-        ref = optimize_value(lm, req, easy, CTX)
+        ref = optimise_value(lm, req, easy, CTX)
         assert len(res.losses) == len(ref.losses)
         if len(res.losses) < 60:  # stopped early: the last loss is below the threshold
             assert res.losses[-1] < 0.05
@@ -235,7 +235,7 @@ def test_bad_inputs_leave_weights_untouched(tiny_gptj):
         compute_edits(lm, REQS[:1], hp_for(lm, layers=(9,)), CTX, progress=False)
     with pytest.raises(ValueError, match="layer 1 but the edit is at layer 2"):
         compute_edits(lm, REQS[:1], hp_for(lm, layers=(2,), mom2_adjustment=True), CTX, inverse)
-    other = SecondMomentInverse(inverse.solver, {**inverse.provenance, "model_identity": "x@1"})
+    other = inverse.with_provenance({**inverse.provenance, "model_identity": "x@1"})
     with pytest.raises(ValueError, match="second moment C was made on x@1"):
         compute_edits(lm, REQS[:1], hp_for(lm, mom2_adjustment=True), CTX, other)
     with pytest.raises(ValueError, match="no second-moment"):
@@ -304,3 +304,28 @@ def test_half_precision_edit_matches_float32(tokenizer, dtype):
     with applied(lm16, r16[:1]):
         assert out_proj_weight(lm16.model, lm16.arch, 1).dtype == dtype
     assert torch.equal(out_proj_weight(lm16.model, lm16.arch, 1), before)
+
+
+def test_deprecated_names_warn_and_forward(monkeypatch):
+    """Pre-0.3 spellings keep working: SecondMomentInverse(solver, provenance) is the solver
+    with its provenance, ``.solver`` is the object itself, optimize_value(s) call the British
+    spellings; each warns."""
+    c = torch.eye(4) * 2
+    solver = InverseSecondMoment.from_matrix(c)
+    with pytest.warns(DeprecationWarning, match="with_provenance"):
+        old = SecondMomentInverse(solver, {"layer": 1})
+    assert isinstance(old, InverseSecondMoment) and old.provenance == {"layer": 1}
+    assert old.factor is solver.factor and solver.provenance == {}  # shared, not mutated
+    with pytest.warns(DeprecationWarning, match="itself the solver"):
+        assert old.solver is old
+    with pytest.raises(TypeError, match="InverseSecondMoment"), pytest.warns(DeprecationWarning):
+        SecondMomentInverse(object(), {})  # type: ignore[arg-type]
+    import rome_edit.rome.value_batched as vb
+    import rome_edit.rome.value_reference as vr
+
+    monkeypatch.setattr(vr, "optimise_value", lambda *a, **k: ("one", a, k))
+    monkeypatch.setattr(vb, "optimise_values", lambda *a, **k: ("many", a, k))
+    with pytest.warns(DeprecationWarning, match="optimise_value"):
+        assert vr.optimize_value(1, x=2) == ("one", (1,), {"x": 2})
+    with pytest.warns(DeprecationWarning, match="optimise_values"):
+        assert vb.optimize_values(1, x=2) == ("many", (1,), {"x": 2})

@@ -17,8 +17,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rome_edit"
 CLI_WORDS = re.compile(r"(?<![\w-])--[a-z]|rome-edit ")
 
 
+def is_command_line_code(path: Path) -> bool:
+    """The CLI's own modules: ``cli/`` and the gender study's commands (``study/commands/``)."""
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0] == "cli" or parts[:2] == ("study", "commands")
+
+
 def library_files() -> list[Path]:
-    return [p for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(PACKAGE).parts[0] != "cli"]
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if not is_command_line_code(p)]
 
 
 def strings_in(node: ast.AST) -> str:

@@ -11,7 +11,7 @@ from rome_edit.forms.protect import ProtectSettings, second_moment_matrix
 from rome_edit.forms.protected_keys import Protection, build_bank
 from rome_edit.models.architectures import get_module, out_proj_weight
 from rome_edit.models.loading import wrap_model
-from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.request import EditRequest
 from rome_edit.stats.inverse import InverseSecondMoment
@@ -66,7 +66,7 @@ def pair(tiny_gptj):
 def test_forensics_recovers_a_known_edit_exactly(pair):
     edited, original, solver = pair
     hp = ROMEHyperParams(layers=(1,), v_loss_layer=edited.n_layers - 1, v_num_grad_steps=5)
-    inverse = SecondMomentInverse(solver, {"layer": 1})
+    inverse = solver.with_provenance({"layer": 1})
     req = EditRequest("Brittany", PROMPT, " Male", " Female")
     (record,) = compute_edits(edited, [req], hp, CTX, inverse, progress=False)
     add_rank_one(edited, 1, record.u, record.lam)

@@ -21,7 +21,7 @@ from rome_edit.forms.protected_keys import (
 from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import wrap_model
-from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.key import prompt_keys
 from rome_edit.rome.record import EditRecord
@@ -45,7 +45,7 @@ def _inverse(lm, layer=1, seed=0):
     # and the Cholesky factor keeps only the lower triangle: symmetrise so both sides use one C
     c = (c + c.T) / 2
     prov = {"model_identity": lm.identity, "layer": layer, "d_mlp": d_mlp}
-    return SecondMomentInverse(InverseSecondMoment.from_matrix(c), prov), c
+    return InverseSecondMoment.from_matrix(c).with_provenance(prov), c
 
 
 def _hp(lm):
@@ -67,7 +67,7 @@ def test_protected_keys_do_not_move_while_k_star_maps_to_v_star(edited, form):
     lm, inverse, c, record = edited
     bank = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names")
     settings = ProtectSettings(form, threshold=0.0)
-    (prot,) = protect_records(lm, [record], Protection(bank, settings), inverse.solver)
+    (prot,) = protect_records(lm, [record], Protection(bank, settings), inverse)
     out_before = layer_output(lm, 1, bank.keys)
     with preserved(lm, [1]):
         add_rank_one(lm, 1, record.u, record.lam)  # unprotected: the neighbours move
@@ -87,7 +87,7 @@ def test_protected_keys_do_not_move_while_k_star_maps_to_v_star(edited, form):
 def test_hard_direction_is_the_closed_form(edited):
     lm, inverse, c, record = edited
     keys = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names").keys
-    u = protected_direction(record.k_star, keys, ProtectSettings("hard"), inverse.solver)
+    u = protected_direction(record.k_star, keys, ProtectSettings("hard"), inverse)
     big_k = torch.cat([record.k_star[None], keys]).double().T  # d × (m+1)
     c_inv = torch.linalg.inv(c)
     e1 = torch.zeros(big_k.shape[1], dtype=torch.float64)
@@ -96,13 +96,13 @@ def test_hard_direction_is_the_closed_form(edited):
     assert torch.allclose(u.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
     # the soft form tends to the hard form as its weight grows; with no keys it is ROME's u
     soft = protected_direction(record.k_star, keys, ProtectSettings("soft", weight=1e9),
-                               inverse.solver)
+                               inverse)
     # Both are solved in float64 and rounded to float32 once, and at weight 1e9 they differ
     # analytically by O(1/weight): the gap is float32 rounding, ≤ ε32 relative (2 roundings of
     # ε32/2); 4·ε32 leaves room for the float64 solves. (A float32 cosine cannot resolve this.)
     eps32 = torch.finfo(torch.float32).eps
     assert (soft.double() - u.double()).norm() / u.double().norm() < 4 * eps32
-    plain = protected_direction(record.k_star, keys[:0], ProtectSettings("hard"), inverse.solver)
+    plain = protected_direction(record.k_star, keys[:0], ProtectSettings("hard"), inverse)
     paper = record.u / torch.dot(record.u, record.k_star)
     assert torch.allclose(plain, paper, rtol=1e-4, atol=1e-7)
 
@@ -147,7 +147,7 @@ def test_every_token_bank_protects_the_whole_prompt(edited):
     for label, bank, weight in (("last", last, 1.0), ("all", every, 1.0),
                                 ("all-strong", every, 1e4)):
         (prot,) = protect_records(lm, [record], Protection(bank, ProtectSettings(weight=weight)),
-                                  inverse.solver)
+                                  inverse)
         assert prot.protection["form"] == ("hard" if label == "last" else "soft")
         with preserved(lm, [1]):
             add_rank_one(lm, 1, prot.u, prot.lam)
@@ -178,7 +178,7 @@ def test_protect_refusals(edited, tmp_path):
     assert read_names_file(f) == ["David", "Anna"]
     same = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "same-last-token")
     (p,) = protect_records(lm, [record], Protection(same, ProtectSettings("hard")),
-                           inverse.solver)
+                           inverse)
     assert set(p.protection["names"]) <= set(NEIGHBOURS)
 
 
@@ -186,7 +186,7 @@ def test_record_with_protection_round_trips(edited, tmp_path):
     lm, inverse, _, record = edited
     bank = build_bank(lm, 1, PROMPT, NEIGHBOURS, CTX, "other-names")
     (prot,) = protect_records(lm, [record], Protection(bank, ProtectSettings("soft")),
-                             inverse.solver)
+                             inverse)
     loaded = EditRecord.load(prot.save(tmp_path / "r"))
     assert loaded.protection == prot.protection and torch.equal(loaded.u, prot.u)
     old = json.loads((tmp_path / "r" / "record.json").read_text())
@@ -213,7 +213,7 @@ def test_batched_update_equals_closed_form(tiny_gptj):
     residual = targets.v_star - layer_output(lm, 1, targets.k_star)
     before = out_proj_weight(lm.model, lm.arch, 1).detach().double().clone()
     with preserved(lm, [1]):
-        write_edits(lm, targets, "batched", inverse.solver, mom2_weight=0.5, progress=False)
+        write_edits(lm, targets, "batched", inverse, mom2_weight=0.5, progress=False)
         delta_w = out_proj_weight(lm.model, lm.arch, 1).detach().double() - before
     k, r = targets.k_star.double().T, residual.double().T  # d × n, d_model × n
     a = 0.5 * c + k @ k.T
@@ -253,7 +253,7 @@ def test_many_edits_with_hard_protection(tiny_gptj, form):
     others = torch.tensor([i for i, n in enumerate(bank.names) if n not in targets.subjects])
     out_before = layer_output(lm, 1, bank.keys[others])
     with preserved(lm, [1]):
-        res = write_edits(lm, targets, form, inverse.solver,
+        res = write_edits(lm, targets, form, inverse,
                           Protection(bank, ProtectSettings("hard")), mom2_weight=1e-6,
                           progress=False)
         kept = (layer_output(lm, 1, bank.keys[others]) - out_before).abs().max().item()

@@ -14,7 +14,7 @@ from rome_edit.rome.key import key_stars
 from rome_edit.rome.prefix_pass import PromptBatch, prefix_pass
 from rome_edit.rome.request import EditRequest, rewriting_layouts
 from rome_edit.rome.suffix_step import GenericSuffix
-from rome_edit.rome.value_reference import optimize_value
+from rome_edit.rome.value_reference import optimise_value
 
 CTX = ["{}", "The weather was cold. {}", "Record. {}"]
 REQS = [EditRequest("Brittany", "Name: {}. Gender:", " Male"),
@@ -100,10 +100,10 @@ def test_batched_equals_one_at_a_time_at_layout_edges(tokenizer, family, case):
     expect = {"no shared tokens": b.C == 0 < b.O, "one request": b.O == 0 < b.C,
               "nothing before s": b.P == 0}
     assert expect[case], (b.C, b.O)
-    fast = vb.optimize_values(lm, requests, hp, ctx, progress=False)
+    fast = vb.optimise_values(lm, requests, hp, ctx, progress=False)
     k_star = key_stars(lm, 1, [r.prompt for r in requests], [r.subject for r in requests], ctx)
     for i, (req, f) in enumerate(zip(requests, fast)):
-        ref = optimize_value(lm, req, hp, ctx)
+        ref = optimise_value(lm, req, hp, ctx)
         assert len(f.losses) == len(ref.losses)
         assert (f.delta - ref.delta).norm() / ref.delta.norm() < 1e-5
         assert (f.k_star - k_star[i]).norm() / k_star[i].norm() < 1e-5

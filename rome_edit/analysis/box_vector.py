@@ -46,7 +46,7 @@ from rome_edit.analysis.concept_vector import (
     ScaleSpec,
     resolve_scale,
 )
-from rome_edit.analysis.deltas import DeltaSet
+from rome_edit.analysis.errors import DEFAULT_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,20 @@ def optimise_box_vector(probe: LinearProbe, *, bound: float = 1.0,
                       bool(res.success), str(res.message), at_bounds)
 
 
-def make_concept_vector(ds: DeltaSet, classifier: ClassifierResult,
-                        scale: ScaleSpec = "mean-norm", *, bound: float = 1.0,
-                        objective: BoxObjective = "logit") -> ConceptVector:
-    """Optimise the box vector for ``classifier`` and scale it against ``ds``'s mean delta norm."""
-    if classifier.weights.numel() != ds.width:
+def make_concept_vector(x: Tensor, classifier: ClassifierResult,
+                        scale: ScaleSpec = "mean-norm", *, model_identity: str, layer: int,
+                        classes: tuple[str, str] = DEFAULT_CLASSES, prompt: str | None = None,
+                        bound: float = 1.0, objective: BoxObjective = "logit") -> ConceptVector:
+    """Optimise the box vector for ``classifier`` and scale it against the mean norm of the
+    deltas ``x`` ``(n, d)``; ``model_identity``, ``layer``, ``classes`` and ``prompt`` are the
+    deltas' provenance, stored in the vector (``DeltaSet.box_vector()`` passes its own)."""
+    width = x.shape[1]
+    if classifier.weights.numel() != width:
         raise ConceptVectorError(f"classifier width {classifier.weights.numel()} does not match "
-                                 f"the deltas' width {ds.width}; train it on these deltas.")
+                                 f"the deltas' width {width}; train it on these deltas.")
+    mean_norm = float(x.norm(dim=1).mean())
     opt = optimise_box_vector(classifier.probe, bound=bound, objective=objective)
     raw_norm = float(opt.vector.norm())
-    mode, multiplier = resolve_scale(scale, raw_norm, ds.mean_norm)
-    return ConceptVector(opt.vector * multiplier, mode, multiplier, raw_norm, ds.model_identity,
-                         ds.layer, classifier.test_accuracy, ds.mean_norm, ds.classes, ds.prompt)
+    mode, multiplier = resolve_scale(scale, raw_norm, mean_norm)
+    return ConceptVector(opt.vector * multiplier, mode, multiplier, raw_norm, model_identity,
+                         layer, classifier.test_accuracy, mean_norm, classes, prompt)

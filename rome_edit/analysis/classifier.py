@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch import Tensor
 
-from rome_edit.analysis.deltas import DeltaSet, DeltaSetError
+from rome_edit.analysis.errors import DEFAULT_CLASSES, DeltaSetError, require_both_classes
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,15 @@ def shuffled_labels(labels: Tensor, seed: int) -> Tensor:
     return labels[torch.from_numpy(perm)]
 
 
-def train_classifier(ds: DeltaSet, *, seed: int = 0, test_size: float = 0.3, C: float = 1.0,
-                     standardize: Standardize = "per-coordinate") -> ClassifierResult:
-    """Train on a stratified seeded split; report test accuracy and the shuffled-label control."""
-    ds.require_both_classes()
-    train, test = split_indices(ds.labels, seed, test_size)
-    x, y = ds.deltas, ds.labels
+def train_classifier(x: Tensor, y: Tensor, *, seed: int = 0, test_size: float = 0.3,
+                     C: float = 1.0, standardize: Standardize = "per-coordinate",
+                     classes: Sequence[str] = DEFAULT_CLASSES) -> ClassifierResult:
+    """Train on a stratified seeded split; report test accuracy and the shuffled-label control.
+
+    ``x``: ``(n, d)`` deltas; ``y``: ``(n,)`` int64 labels in {0, 1} (``classes`` names them in
+    error messages).  ``DeltaSet.probe()`` calls this on its rows."""
+    require_both_classes(y, classes=classes)
+    train, test = split_indices(y, seed, test_size)
     probe = fit_linear_probe(x[train], y[train], C=C, seed=seed, standardize=standardize)
     y_shuf = shuffled_labels(y, seed)
     shuffled_probe = (fit_linear_probe(x[train], y_shuf[train], C=C, seed=seed,
@@ -189,17 +193,19 @@ def train_classifier(ds: DeltaSet, *, seed: int = 0, test_size: float = 0.3, C: 
     return result
 
 
-def cross_validate(ds: DeltaSet, *, k: int = 5, seed: int = 0, C: float = 1.0,
-                   standardize: Standardize = "per-coordinate") -> KFoldResult:
-    """Stratified k-fold test accuracies (and the shuffled-label control on the same folds)."""
+def cross_validate(x: Tensor, y: Tensor, *, k: int = 5, seed: int = 0, C: float = 1.0,
+                   standardize: Standardize = "per-coordinate",
+                   classes: Sequence[str] = DEFAULT_CLASSES) -> KFoldResult:
+    """Stratified k-fold test accuracies (and the shuffled-label control on the same folds).
+
+    ``x``: ``(n, d)`` deltas; ``y``: ``(n,)`` int64 labels in {0, 1}."""
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}.")
-    ds.require_both_classes(min_per_class=k)
-    x, y = ds.deltas, ds.labels
+    require_both_classes(y, min_per_class=k, classes=classes)
     y_shuf = shuffled_labels(y, seed)
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     accs, shuf = [], []
-    for train, test in folds.split(np.zeros(ds.n), y.numpy()):
+    for train, test in folds.split(np.zeros(len(y)), y.numpy()):
         accs.append(fit_linear_probe(x[train], y[train], C=C, seed=seed,
                                      standardize=standardize).accuracy(x[test], y[test]))
         if len(torch.unique(y_shuf[train])) == 2:

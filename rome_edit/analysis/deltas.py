@@ -22,18 +22,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from rome_edit.analysis.box_vector import make_concept_vector
+from rome_edit.analysis.classifier import ClassifierResult, train_classifier
+from rome_edit.analysis.concept_vector import ConceptVector, ScaleSpec
+from rome_edit.analysis.directions import ConceptDirections, candidate_directions
+from rome_edit.analysis.errors import DEFAULT_CLASSES, DeltaSetError, require_both_classes
 from rome_edit.storage import read_tensor_entry
-
-if TYPE_CHECKING:  # the fits import this module; at run time they are imported when used
-    from rome_edit.analysis.classifier import ClassifierResult
-    from rome_edit.analysis.concept_vector import ConceptVector, ScaleSpec
-    from rome_edit.analysis.directions import ConceptDirections
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,9 @@ DELTA_TENSOR = "delta"
 # Sweeps written before labels were generic recorded the original gender instead of a label.
 LEGACY_GENDERS = ("female", "male")
 LEGACY_CLASSES = ("male→female", "female→male")
-DEFAULT_CLASSES = ("0", "1")
-
-
-class DeltaSetError(ValueError):
-    """Deltas that cannot be analysed as given; the message names the problem and the fix."""
+# DeltaSetError and DEFAULT_CLASSES live in errors.py (the estimators raise and use them);
+# they stay importable from here.
+__all__ = ["DEFAULT_CLASSES", "DeltaSet", "DeltaSetError", "concat", "load_delta_set"]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality
@@ -129,27 +127,25 @@ class DeltaSet:
     def probe(self, *, seed: int = 0, test_size: float = 0.3, C: float = 1.0) -> ClassifierResult:
         """The logistic-regression classifier of label 1 vs label 0 on a seeded stratified
         split, with its shuffled-label control (:func:`~rome_edit.analysis.classifier.\
-train_classifier`)."""
-        from rome_edit.analysis.classifier import train_classifier
-
-        return train_classifier(self, seed=seed, test_size=test_size, C=C)
+train_classifier` on these rows)."""
+        return train_classifier(self.deltas, self.labels, seed=seed, test_size=test_size, C=C,
+                                classes=self.classes)
 
     def box_vector(self, scale: ScaleSpec = "mean-norm", *, seed: int = 0,
                    classifier: ClassifierResult | None = None) -> ConceptVector:
         """The source's bounded vector (every component in [−1, 1], maximising the probe's
         probability of label 1), scaled (``"raw"``, ``"mean-norm"`` or a multiple of the mean
         ‖δ‖) — ready for ``vector.applied(editor, subject)``."""
-        from rome_edit.analysis.box_vector import make_concept_vector
-
-        return make_concept_vector(self, classifier or self.probe(seed=seed), scale)
+        return make_concept_vector(self.deltas, classifier or self.probe(seed=seed), scale,
+                                   **self.provenance)
 
     def directions(self, *, seed: int = 0, **options: Any) -> ConceptDirections:
         """Every candidate concept direction (box, classifier, mean difference, INLP, R-LACE,
         LEACE) as unit vectors towards label 1 (:func:`~rome_edit.analysis.directions.\
 candidate_directions`; ``options`` go to it)."""
-        from rome_edit.analysis.directions import candidate_directions
-
-        return candidate_directions(self, seed=seed, **options)
+        return candidate_directions(self.deltas, self.labels, seed=seed,
+                                    model_identity=self.model_identity, layer=self.layer,
+                                    classes=self.classes, **options)
 
     def direction_vector(self, direction: Tensor, scale: float = 1.0, *,
                          test_accuracy: float = float("nan")) -> ConceptVector:
@@ -158,8 +154,6 @@ candidate_directions`; ``options`` go to it)."""
 
         ``direction``: ``(d_model,)`` (any shape with ``d_model`` elements is flattened; cast to
         float32)."""
-        from rome_edit.analysis.concept_vector import ConceptVector
-
         d = torch.as_tensor(direction, dtype=torch.float32).flatten()
         if d.numel() != self.width or not bool(d.norm() > 0):
             raise DeltaSetError(f"direction must be a non-zero vector of width {self.width}.")
@@ -168,6 +162,13 @@ candidate_directions`; ``options`` go to it)."""
         return ConceptVector(d * multiplier, "multiple", multiplier, raw_norm,
                              self.model_identity, self.layer, test_accuracy, self.mean_norm,
                              self.classes, self.prompt)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the rows come from (``model_identity``, ``layer``, ``classes``, ``prompt``): the
+        keywords the estimators store in what they return (e.g. ``make_concept_vector``)."""
+        return {"model_identity": self.model_identity, "layer": self.layer,
+                "classes": self.classes, "prompt": self.prompt}
 
     @property
     def n(self) -> int:
@@ -190,13 +191,7 @@ candidate_directions`; ``options`` go to it)."""
 
     def require_both_classes(self, min_per_class: int = 2) -> None:
         """Raise unless each label has at least ``min_per_class`` rows."""
-        n_0, n_1 = self.class_counts
-        if min(n_0, n_1) < min_per_class:
-            raise DeltaSetError(
-                f"a classifier needs at least {min_per_class} deltas of each label, got {n_1} "
-                f"{self.classes[1]!r} and {n_0} {self.classes[0]!r}; sweep requests of both "
-                "labels (or concatenate two sweeps of the same model and layer)."
-            )
+        require_both_classes(self.labels, min_per_class, self.classes)
 
     def subset(self, index: Tensor | Sequence[int]) -> DeltaSet:
         """The rows at ``index``, same model and layer.

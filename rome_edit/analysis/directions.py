@@ -31,7 +31,7 @@ training rows and reports its held-out accuracy against the unerased baseline.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,7 @@ from rome_edit.analysis.classifier import (
     split_indices,
     train_classifier,
 )
-from rome_edit.analysis.deltas import DeltaSet, DeltaSetError
+from rome_edit.analysis.errors import DEFAULT_CLASSES, DeltaSetError, require_both_classes
 from rome_edit.analysis.inlp import INLPResult, inlp
 from rome_edit.analysis.rlace import RLACEResult, project_out, rlace_rank1
 
@@ -111,8 +111,8 @@ class ConceptDirections:
     inlp: INLPResult
     rlace: RLACEResult
     leace: LeaceDirections
-    model_identity: str
-    layer: int
+    model_identity: str | None  # the deltas' provenance, when given
+    layer: int | None
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.names:
@@ -123,17 +123,22 @@ class ConceptDirections:
         return dict(zip(self.names, self.vectors, strict=True))
 
 
-def candidate_directions(ds: DeltaSet, *, seed: int = 0, test_size: float = 0.3, C: float = 1.0,
-                         inlp_iterations: int = 10, rlace_steps: int = 100,
-                         classifier: ClassifierResult | None = None) -> ConceptDirections:
+def candidate_directions(x: Tensor, y: Tensor, *, seed: int = 0, test_size: float = 0.3,
+                         C: float = 1.0, inlp_iterations: int = 10, rlace_steps: int = 100,
+                         classifier: ClassifierResult | None = None,
+                         model_identity: str | None = None, layer: int | None = None,
+                         classes: Sequence[str] = DEFAULT_CLASSES) -> ConceptDirections:
     """Fit every candidate direction on the training rows of the seeded stratified split.
 
-    ``classifier`` reuses an already trained classifier; it must come from the same split.
+    ``x``: ``(n, d)`` deltas; ``y``: ``(n,)`` int64 labels in {0, 1}.  ``classifier`` reuses an
+    already trained classifier; it must come from the same split.  ``model_identity`` and
+    ``layer`` (the deltas' provenance) are stored in the result (``DeltaSet.directions()``
+    passes its own); ``classes`` names the labels in error messages.
     """
-    ds.require_both_classes()
-    train, test = split_indices(ds.labels, seed, test_size)
+    require_both_classes(y, classes=classes)
+    train, test = split_indices(y, seed, test_size)
     if classifier is None:
-        clf = train_classifier(ds, seed=seed, test_size=test_size, C=C)
+        clf = train_classifier(x, y, seed=seed, test_size=test_size, C=C, classes=classes)
     elif (classifier.seed, classifier.n_train, classifier.n_test) != (seed, len(train), len(test)):
         raise ValueError(
             f"the classifier was trained on another split (seed {classifier.seed}, "
@@ -143,13 +148,12 @@ def candidate_directions(ds: DeltaSet, *, seed: int = 0, test_size: float = 0.3,
     else:
         clf = classifier
     # inlp() re-derives the same seeded split: its probes train on these rows, score on the rest.
-    inlp_result = inlp(ds.deltas, ds.labels, n_iterations=inlp_iterations, seed=seed,
-                       test_size=test_size, C=C)
+    inlp_result = inlp(x, y, n_iterations=inlp_iterations, seed=seed, test_size=test_size, C=C)
     train_t = torch.from_numpy(train)
-    x, y = ds.deltas[train_t], ds.labels[train_t]
-    md = mean_difference(x, y)
-    rlace_result = rlace_rank1(x, y, seed=seed, n_steps=rlace_steps)
-    leace = fit_leace(x, y)
+    x_train, y_train = x[train_t], y[train_t]
+    md = mean_difference(x_train, y_train)
+    rlace_result = rlace_rank1(x_train, y_train, seed=seed, n_steps=rlace_steps)
+    leace = fit_leace(x_train, y_train)
     raw = {
         "box": optimise_box_vector(clf.probe).vector,
         "classifier": clf.weights,
@@ -160,7 +164,7 @@ def candidate_directions(ds: DeltaSet, *, seed: int = 0, test_size: float = 0.3,
     }
     vectors = torch.stack([orient(unit(raw[name]), md) for name in DIRECTION_NAMES])
     return ConceptDirections(DIRECTION_NAMES, vectors, clf, inlp_result, rlace_result, leace,
-                             ds.model_identity, ds.layer)
+                             model_identity, layer)
 
 
 @dataclass(frozen=True)
@@ -201,12 +205,15 @@ class ErasureRow:
                 "accuracy_after": self.accuracy_after, "drop": self.drop}
 
 
-def erasure_check(ds: DeltaSet, directions: ConceptDirections, *, seed: int = 0,
+def erasure_check(x: Tensor, y: Tensor, directions: ConceptDirections, *, seed: int = 0,
                   test_size: float = 0.3, C: float = 1.0, inlp_k: int | None = None
                   ) -> tuple[ErasureRow, ...]:
-    """Probe accuracy after erasing each direction, LEACE, INLP×k, and a random control."""
-    train, test = (torch.from_numpy(i) for i in split_indices(ds.labels, seed, test_size))
-    x, y = ds.deltas.to(torch.float64), ds.labels
+    """Probe accuracy after erasing each direction, LEACE, INLP×k, and a random control.
+
+    ``x``: ``(n, d)`` deltas; ``y``: ``(n,)`` int64 labels in {0, 1}."""
+    train, test = (torch.from_numpy(i) for i in split_indices(y, seed, test_size))
+    width = x.shape[1]
+    x = x.to(torch.float64)
 
     def probe_accuracy(xe: Tensor) -> float:
         probe = fit_linear_probe(xe[train], y[train], C=C, seed=seed)
@@ -214,7 +221,7 @@ def erasure_check(ds: DeltaSet, directions: ConceptDirections, *, seed: int = 0,
 
     baseline = probe_accuracy(x)
     gen = torch.Generator().manual_seed(seed)
-    random_dir = unit(torch.randn(ds.width, generator=gen, dtype=torch.float64))
+    random_dir = unit(torch.randn(width, generator=gen, dtype=torch.float64))
     erasers: dict[str, Callable[[Tensor], Tensor]] = {
         name: (lambda v: lambda xx: project_out(xx, v))(vec)
         for name, vec in directions.as_dict().items() if name != "leace"

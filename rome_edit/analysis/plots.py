@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from rome_edit.analysis.deltas import DeltaSet
+from rome_edit.analysis.errors import DEFAULT_CLASSES
 from rome_edit.analysis.rlace import project_out
 
 log = logging.getLogger(__name__)
@@ -53,24 +53,29 @@ def projection_axes(x: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
     return a, b / b.norm()
 
 
-def plot_delta_projection(ds: DeltaSet, direction: Tensor, path: str | Path, *,
-                          direction_name: str = "classifier direction") -> Path:
-    """Scatter the deltas on ``direction`` × the top residual principal component."""
-    if direction.numel() != ds.width:
-        raise ValueError(f"direction has width {direction.numel()}, deltas {ds.width}; pass a "
+def plot_delta_projection(x: Tensor, y: Tensor, direction: Tensor, path: str | Path, *,
+                          direction_name: str = "classifier direction",
+                          classes: Sequence[str] = DEFAULT_CLASSES, layer: int | None = None
+                          ) -> Path:
+    """Scatter the deltas ``x`` ``(n, d)`` on ``direction`` × the top residual principal
+    component, coloured by the labels ``y`` ``(n,)`` (named by ``classes``; ``layer`` goes in
+    the title)."""
+    width = x.shape[1]
+    if direction.numel() != width:
+        raise ValueError(f"direction has width {direction.numel()}, deltas {width}; pass a "
                          "direction fitted on these deltas.")
-    a, b = projection_axes(ds.deltas, direction)
-    x = ds.deltas.to(torch.float64)
-    pa, pb = (x @ a).numpy(), (x @ b).numpy()
+    a, b = projection_axes(x, direction)
+    x64 = x.to(torch.float64)
+    pa, pb = (x64 @ a).numpy(), (x64 @ b).numpy()
     fig = Figure(figsize=(6, 5))
     ax = fig.add_subplot()
     for label, colour in CLASS_COLOURS.items():
-        m = (ds.labels == label).numpy()
+        m = (y == label).numpy()
         ax.scatter(pa[m], pb[m], s=10, alpha=0.6, c=colour,
-                   label=f"{ds.classes[label]} (n={int(m.sum())})")
+                   label=f"{classes[label]} (n={int(m.sum())})")
     ax.set_xlabel(f"projection on the {direction_name}")
     ax.set_ylabel("top principal component of the residual")
-    ax.set_title(f"Edit deltas, layer {ds.layer}")
+    ax.set_title("Edit deltas" if layer is None else f"Edit deltas, layer {layer}")
     ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 

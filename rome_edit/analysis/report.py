@@ -47,15 +47,18 @@ def analyze_deltas(ds: DeltaSet, out_dir: str | Path, *, seed: int = 0,
     """Fit and save everything that needs only the deltas; write the vector and two plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clf = train_classifier(ds, seed=seed)
-    vector = make_concept_vector(ds, clf, scale)
+    x, y = ds.deltas, ds.labels
+    clf = train_classifier(x, y, seed=seed, classes=ds.classes)
+    vector = make_concept_vector(x, clf, scale, **ds.provenance)
     vector_path = save_concept_vector(vector, out / vector_file)
-    dirs = candidate_directions(ds, seed=seed)
+    dirs = candidate_directions(x, y, seed=seed, model_identity=ds.model_identity, layer=ds.layer,
+                                classes=ds.classes)
     cosines = cosine_table(dirs.as_dict())
-    erasure = erasure_check(ds, dirs, seed=seed)
+    erasure = erasure_check(x, y, dirs, seed=seed)
     table = directions_table(dirs, erasure)
     plots = [
-        plot_delta_projection(ds, dirs["classifier"], out / "deltas_projection.png"),
+        plot_delta_projection(x, y, dirs["classifier"], out / "deltas_projection.png",
+                              classes=ds.classes, layer=ds.layer),
         plot_weight_histogram(clf.weights, out / "classifier_weights.png"),
     ]
     result = {

@@ -43,7 +43,7 @@ from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import generate
 from rome_edit.models.subject import fill
-from rome_edit.rome.compute import SecondMomentInverse
+from rome_edit.stats.inverse import InverseSecondMoment
 
 log = logging.getLogger(__name__)
 RATE_KEYS = ("flip_label1", "flip_label0", "keep_label0", "keep_label1")
@@ -114,7 +114,7 @@ def analyze(
     lm: LoadedModel | None = None,
     heldout: HeldOut | None = None,
     context_templates: Sequence[str] = ("{}",),
-    inverse: SecondMomentInverse | None = None,
+    inverse: InverseSecondMoment | None = None,
     settings: AnalysisSettings = AnalysisSettings(),
     labels: Sequence[int] | Mapping[str, int] | None = None,
     vector_file: str = VECTOR_FILE,
@@ -147,7 +147,7 @@ def analyze(
 
 
 def _apply_to_heldout(lm: LoadedModel, found: DeltaAnalysis, heldout: HeldOut,
-                      templates: Sequence[str], inverse: SecondMomentInverse | None,
+                      templates: Sequence[str], inverse: InverseSecondMoment | None,
                       settings: AnalysisSettings, out: Path, plots: list[Path]) -> dict[str, Any]:
     ds, g = found.deltas, found.vector.vector
     applier = VectorApplier(lm, ds.layer, heldout.subjects, heldout.labels, heldout.tasks,

@@ -24,7 +24,6 @@ from rome_edit.evaluation.sweep import run_sweep
 from rome_edit.evaluation.vectors import SubjectKeys
 from rome_edit.forms.protect import ProtectSettings
 from rome_edit.forms.protected_keys import Protection, build_bank, protect_records
-from rome_edit.models.architectures import out_proj_weight
 from rome_edit.models.identity import check_same_model
 from rome_edit.models.loading import LoadedModel, load_model, wrap_model
 from rome_edit.models.scoring import generate, next_token_logprobs
@@ -34,7 +33,7 @@ from rome_edit.rome.hparams import ROMEHyperParams, UpdateForm
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
 from rome_edit.tracing.average import LocateResult, locate
-from rome_edit.weights.write import add_rank_one, check_record
+from rome_edit.weights.write import add_rank_one, check_record, restore, snapshot
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,8 +58,7 @@ class Applied:
         self.editor, self.description = editor, description
         self.layers = tuple(sorted(set(layers)))
         self.records = tuple(records)
-        self._saved = {layer: out_proj_weight(editor.lm.model, editor.lm.arch, layer)
-                       .detach().clone() for layer in self.layers}
+        self._saved = snapshot(editor.lm, self.layers)  # what revert() writes back
         self.active = False
 
     def _write(self, write: Callable[[], object]) -> Applied:
@@ -74,9 +72,7 @@ class Applied:
         return self
 
     def _restore(self) -> None:
-        with torch.no_grad():
-            for layer, original in self._saved.items():
-                out_proj_weight(self.editor.lm.model, self.editor.lm.arch, layer).copy_(original)
+        restore(self.editor.lm, self._saved)
 
     def revert(self) -> None:
         """Restore the edited layers' original bits.  Refused while a later edit is live."""
@@ -214,7 +210,9 @@ class Editor(Session):
         """Measure a grid of layers × clamps × steps on ``requests`` and choose one by a
         documented rule (:func:`rome_edit.calibration.calibrate`; ``options`` such as
         ``neighbour_pool``, ``kept``, ``grid``, ``rule`` go to it).  With ``use`` the editor
-        edits with the chosen hyperparameters from now on."""
+        edits with the chosen hyperparameters from now on; a chosen protected update is in
+        ``result.hparams.extra["protect"]`` and is passed per call
+        (``ProtectRecipe.from_hparams(...).build(...)`` → ``protection=``)."""
         from rome_edit.calibration import calibrate
 
         options.setdefault("corpus", self._corpus)
@@ -223,6 +221,11 @@ class Editor(Session):
         result = calibrate(self.lm, requests, **options)
         if use:
             self._hparams = result.hparams
+            if "protect" in result.hparams.extra:
+                log.warning("calibrate chose a protected update (%s); the editor protects only "
+                            "when given protection= (rome_edit.forms.recipe.ProtectRecipe"
+                            ".from_hparams(editor.hparams).build(...)), as 'edit' and 'sweep' "
+                            "do from the file.", result.hparams.extra["protect"])
         return result
 
     # --- edits -------------------------------------------------------------------------------

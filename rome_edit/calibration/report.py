@@ -3,7 +3,8 @@ of per-layer edit success next to the causal-trace effect (Hase et al. 2023 comp
 
 Files: ``OUT`` (reference-format hparams, loadable with ``--hparams``), and in the report
 folder ``calibration.json`` (everything: grid, rule, table, trace, choice), ``calibration.md``
-(the table, the rule and the choice) and ``calibration_layers.png``.
+(the table, the rule, the choice or the trade-off, the efficacy/specificity frontier),
+``calibration_layers.png`` and ``calibration_frontier.png``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from rome_edit.calibration.frontier import form_label, frontier_table, plot_frontier
 from rome_edit.calibration.run import CalibrationResult
 from rome_edit.storage import atomic_write_text
 
 __all__ = ["write_report", "markdown_table", "plot_layers"]
 
 COLUMNS = (("layer", "layer"), ("clamp_norm_factor", "clamp"), ("v_num_grad_steps", "steps"),
-           ("v_loss_layer", "loss layer"), ("efficacy", "efficacy"),
+           ("v_loss_layer", "loss layer"), ("update", "update"), ("efficacy", "efficacy"),
            ("paraphrase", "paraphrase"), ("specificity_random", "spec. random"),
            ("specificity_same_last_token", "spec. same last token"),
            ("city_kept", "city kept"), ("fluency_after", "fluency"),
@@ -38,11 +40,12 @@ def _cell(value) -> str:
 
 def markdown_table(result: CalibrationResult) -> str:
     """One row per candidate; the chosen one in bold, ineligible ones marked ``✗``."""
-    keys = [k for k, _ in COLUMNS if any(k in r for r in result.rows)]
+    rows = [{**r, "update": form_label(r)} for r in result.rows]
+    keys = [k for k, _ in COLUMNS if any(k in r for r in rows)]
     names = dict(COLUMNS)
     lines = ["| " + " | ".join(["", *[names[k] for k in keys]]) + " |",
              "|" + "---|" * (len(keys) + 1)]
-    for i, row in enumerate(result.rows):
+    for i, row in enumerate(rows):
         mark = "**→**" if i == result.choice.index else \
             ("" if i in result.choice.eligible else "✗")
         cells = [_cell(row.get(k)) for k in keys]
@@ -97,7 +100,7 @@ def plot_layers(result: CalibrationResult, path: Path) -> Path:
 def _markdown(result: CalibrationResult, hparams_path: Path) -> str:
     c = result.chosen
     rule = result.rule
-    met = "met" if result.choice.rule_met else "NOT met by any candidate (most specific chosen)"
+    met = "met" if result.choice.rule_met else "NOT met by any candidate (trade-off below)"
     return "\n".join([
         f"# Calibration of {result.model_identity}",
         "",
@@ -109,11 +112,23 @@ def _markdown(result: CalibrationResult, hparams_path: Path) -> str:
         f"Rule: random-name specificity ≥ {rule.min_specificity_random}, fluency ≥ "
         f"{1 - rule.fluency_tolerance:.2f} × unedited ({_cell(result.fluency_before)} bits), "
         "then the highest efficacy (ties: CounterFact score, same-last-token specificity, "
-        f"city kept, fewer steps, smaller clamp, lower layer) — {met}.",
+        f"city kept, fewer steps, smaller clamp, lower layer, plain before protected) — {met}.",
+        "",
+        f"**{result.choice.tradeoff[0].upper() + result.choice.tradeoff[1:]}**",
         "",
         f"Chosen: layer {c['layer']}, clamp_norm_factor {c['clamp_norm_factor']:g}, "
-        f"v_num_grad_steps {c['v_num_grad_steps']}, v_loss_layer {c['v_loss_layer']} → "
-        f"`{hparams_path}`.",
+        f"v_num_grad_steps {c['v_num_grad_steps']}, v_loss_layer {c['v_loss_layer']}, update "
+        f"{form_label(c)} → `{hparams_path}`"
+        + ("" if c.get("protect_source") is None else
+           " (the protection in its \"protect\" key, which `edit` and `sweep` read)") + ".",
+        "",
+        "## Measured frontier (efficacy vs random-name specificity)",
+        "",
+        frontier_table(result),
+        "",
+        "![efficacy against random-name specificity](calibration_frontier.png)",
+        "",
+        "## Every candidate",
         "",
         markdown_table(result),
         "",
@@ -132,8 +147,10 @@ def write_report(result: CalibrationResult, hparams_path: str | Path,
     paths = {"hparams": hparams_path,
              "json": report_dir / "calibration.json",
              "markdown": report_dir / "calibration.md",
-             "figure": report_dir / "calibration_layers.png"}
+             "figure": report_dir / "calibration_layers.png",
+             "frontier": report_dir / "calibration_frontier.png"}
     atomic_write_text(paths["json"], json.dumps(result.to_json(), indent=1) + "\n")
     atomic_write_text(paths["markdown"], _markdown(result, hparams_path))
     plot_layers(result, paths["figure"])
+    plot_frontier(result, paths["frontier"])
     return paths

@@ -6,14 +6,18 @@ Steps (each reusing the toolkit's own parts):
    answer traced) for the recommended layer and the per-layer MLP effect at the last subject
    token.
 2. **Grid** (:mod:`rome_edit.calibration.grid`): every layer in a band around that layer ×
-   ``clamp_norm_factor`` values × step counts × loss layers.
+   ``clamp_norm_factor`` values × step counts × loss layers × update form (plain ROME; the
+   protected forms on each layer's best few plain candidates).
 3. For each layer, the **statistics** ``C`` once (:class:`rome_edit.assembly.session.Session`,
    the assembly point ``Editor`` is built on; cached on disk by :mod:`rome_edit.stats.cache`,
    shared by all that layer's candidates); for each candidate, all sample edits at once with
    the **batched engine** (:func:`rome_edit.rome.compute.compute_edits`), scored with
    :func:`rome_edit.evaluation.evaluate.evaluate_edits` (efficacy, paraphrase, specificity on
    same-last-token and random neighbours, kept facts) and greedy-generation **fluency** on the
-   first few requests (ROME's n-gram entropy; the unedited model's is measured once).
+   first few requests (ROME's n-gram entropy; the unedited model's is measured once).  Then the
+   protected variants of that layer's best plain candidates: the same records with the
+   protected direction ``u`` (keys of the neighbour pool computed once per layer), scored the
+   same way (:mod:`rome_edit.calibration.measure`).
 4. **Choose** by :class:`rome_edit.calibration.choose.ChoiceRule` and return the base
    hyperparameters with the chosen candidate's values.
 
@@ -37,24 +41,28 @@ from rome_edit.assembly.session import (
     no_preset_hparams,
     relative_depth_layer,
 )
-from rome_edit.calibration.choose import Choice, ChoiceRule, choose, counterfact_score
+from rome_edit.calibration.choose import Choice, ChoiceRule, choose, rank_key
 from rome_edit.calibration.grid import CalibrationGrid, Candidate
+from rome_edit.calibration.measure import (
+    FLUENCY_TOKENS,
+    LayerBanks,
+    fluency,
+    measure,
+    protected_records,
+)
 from rome_edit.errors import ParameterError
-from rome_edit.evaluation.evaluate import KeptFact, evaluate_edits, ngram_entropy, summarize
+from rome_edit.evaluation.evaluate import KeptFact
 from rome_edit.models.loading import LoadedModel
-from rome_edit.models.scoring import generate
 from rome_edit.models.subject import fill
 from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.request import EditRequest
 from rome_edit.stats.stability import Stability
 from rome_edit.tracing.average import LocateResult, locate
-from rome_edit.weights.write import applied
 
 __all__ = ["CalibrationResult", "calibrate", "FLUENCY_TOKENS"]
 
 log = logging.getLogger(__name__)
-FLUENCY_TOKENS = 30  # as the sweep's sampled fluency
 
 
 @dataclass(frozen=True)
@@ -100,9 +108,12 @@ class CalibrationResult:
             "rule": self.rule.to_dict(), "rule_met": self.choice.rule_met,
             "chosen_index": self.choice.index, "chosen": self.chosen,
             "eligible": list(self.choice.eligible),
+            "tradeoff": self.choice.tradeoff, "frontier": list(self.choice.frontier),
             "grid": {"band": self.grid.band, "clamps": list(self.grid.clamps),
                      "steps": list(self.grid.steps), "loss_layers": list(self.grid.loss_layers),
-                     "layers": None if self.grid.layers is None else list(self.grid.layers)},
+                     "layers": None if self.grid.layers is None else list(self.grid.layers),
+                     "protections": [p.to_dict() for p in self.grid.protections],
+                     "protect_top": self.grid.protect_top},
             "fluency_before": self.fluency_before,
             "traced_layer": self.traced_layer,
             "trace": None if self.trace is None else {
@@ -137,34 +148,6 @@ def _check_requests(requests: Sequence[EditRequest]) -> str:
         raise ValueError(f"requests for {missing[:3]} have no target_true (the old answer); "
                          "calibration needs it to trace and to score the edits.")
     return prompts.pop()
-
-
-def _fluency(lm: LoadedModel, texts: Sequence[str], records=None) -> list[float]:
-    """n-gram entropy of greedy generations of each text (edited by its record if given)."""
-    out = []
-    for i, text in enumerate(texts):
-        if records is None:
-            completion = generate(lm.model, lm.tokenizer, text, FLUENCY_TOKENS)
-        else:
-            with applied(lm, [records[i]]):
-                completion = generate(lm.model, lm.tokenizer, text, FLUENCY_TOKENS)
-        out.append(ngram_entropy([text + completion]))
-    return out
-
-
-def _row(candidate: Candidate, summary: dict, records, fluency_before: float | None,
-         fluency_after: float | None, seconds: float) -> dict:
-    eff = summary["efficacy"] or 0.0
-    row = {**candidate.to_dict(),
-           **{k: v for k, v in summary.items() if k not in ("fluency_before", "fluency_after")},
-           "fluency_before": fluency_before, "fluency_after": fluency_after,
-           "mean_delta_over_v_orig": sum(float(r.delta.norm() / r.v_orig.norm())
-                                         for r in records) / len(records),
-           "mean_steps_used": sum(len(r.losses) for r in records) / len(records),
-           "seconds": seconds}
-    row["score"] = counterfact_score(eff, row.get("paraphrase") or 0.0,
-                                     row.get("specificity") or 0.0)
-    return row
 
 
 def calibrate(
@@ -229,32 +212,53 @@ def calibrate(
     log.info("calibrating %d candidates on %d edits (layers %s, traced layer %d)",
              len(candidates), len(requests), layers, traced)
     texts = [fill(r.prompt, r.subject) for r in requests[:n_fluency]]
-    before = _fluency(lm, texts)
+    before = fluency(lm, texts)
     fluency_before = sum(before) / len(before) if before else None
+    pool = list(neighbour_pool) or [r.subject for r in requests]
+    scoring = dict(neighbour_pool=neighbour_pool, kept=kept, n_same_last=n_same_last,
+                   n_random=n_random)
+    n_protected = sum(len(grid.protected([c for c in candidates if c.layer == x]))
+                      for x in layers)
+    measured: list[Candidate] = []
     rows: list[dict] = []
-    bar = tqdm(candidates, desc="calibrate", unit="candidate", disable=not progress)
-    for cand in bar:
-        session.hparams = hp = cand.apply(base)
-        inverse = session.inverse  # C once per layer (and from the disk cache after)
-        bar.set_postfix(layer=cand.layer, clamp=cand.clamp_norm_factor,
-                        steps=cand.v_num_grad_steps)
-        start = time.perf_counter()
-        records = compute_edits(lm, requests, hp, templates, inverse,
-                                chunk_size=len(requests), progress=False)
-        scores = evaluate_edits(lm, records, neighbour_pool, kept, n_same_last=n_same_last,
-                                n_random=n_random, progress=False)
-        after = _fluency(lm, texts, records)
-        rows.append(_row(cand, summarize(scores), records, fluency_before,
-                         sum(after) / len(after) if after else None,
-                         time.perf_counter() - start))
-        log.info("candidate %s: efficacy %.3f, random specificity %s", cand.to_dict(),
-                 rows[-1]["efficacy"], rows[-1]["specificity_random"])
+    bar = tqdm(total=len(candidates) + n_protected, desc="calibrate", unit="candidate",
+               disable=not progress)
+    for layer in layers:
+        plain: dict[Candidate, list] = {}
+        for cand in (c for c in candidates if c.layer == layer):
+            session.hparams = hp = cand.apply(base)
+            inverse = session.inverse  # C once per layer (and from the disk cache after)
+            bar.set_postfix(layer=cand.layer, clamp=cand.clamp_norm_factor,
+                            steps=cand.v_num_grad_steps)
+            start = time.perf_counter()
+            plain[cand] = compute_edits(lm, requests, hp, templates, inverse,
+                                        chunk_size=len(requests), progress=False)
+            rows.append(measure(lm, cand, plain[cand], texts, fluency_before, **scoring,
+                                started=start))
+            measured.append(cand)
+            bar.update()
+            log.info("candidate %s: efficacy %.3f, random specificity %s", cand.to_dict(),
+                     rows[-1]["efficacy"], rows[-1]["specificity_random"])
+        ranked = sorted(plain, key=lambda c: rank_key(rows[measured.index(c)]), reverse=True)
+        banks = LayerBanks(lm, layer, prompt, pool, templates)
+        for cand in grid.protected(ranked):
+            assert cand.protect is not None
+            bar.set_postfix(layer=layer, protect=cand.protect.label())
+            start = time.perf_counter()
+            records = protected_records(banks, cand.protect, plain[cand.plain], session.solver)
+            rows.append(measure(lm, cand, records, texts, fluency_before, **scoring,
+                                started=start))
+            measured.append(cand)
+            bar.update()
+            log.info("candidate %s: efficacy %.3f, random specificity %s", cand.to_dict(),
+                     rows[-1]["efficacy"], rows[-1]["specificity_random"])
+        if banks.seconds:
+            log.info("layer %d: protected keys of %d names in %.1f s", layer, len(pool),
+                     banks.seconds)
     bar.close()
     choice = choose(rows, rule)
-    chosen = candidates[choice.index]
-    if not choice.rule_met:
-        log.warning("no candidate met the rule %s; chose the most specific one %s",
-                    rule.to_dict(), chosen.to_dict())
+    chosen = measured[choice.index]
+    (log.info if choice.rule_met else log.warning)("%s", choice.tradeoff)
     return CalibrationResult(
         hparams=chosen.apply(base), base=base, rows=tuple(rows), choice=choice, rule=rule,
         grid=grid, trace=trace, traced_layer=traced, subjects=tuple(r.subject for r in requests),

@@ -15,6 +15,7 @@ from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.cli.protect_args import (
     add_protect_args,
     check_protect_pool,
+    protect_label,
     protection_from_args,
 )
 from rome_edit.distributed import SINGLE, Workers
@@ -74,14 +75,14 @@ def update_line(update_form: str, asked_update: str | None, protect: str | None)
     """The one line ``edit``/``sweep`` print: which update they write and why.  Single edits
     and sweeps keep ROME's paper-form rank-one update by default (parity with Meng et al.
     2022), where ``apply --persist`` defaults to a protected form."""
-    protected = protect is not None and protect != "none"
+    protected = protect is not None
     if asked_update is None and update_form == "paper" and not protected:
         return ("update: ROME's rank-one update, paper form, no protection (the default, as in "
                 "the paper; --protect other-names spares other names' keys, "
                 "docs/beyond-rome.md)")
     why = "--update" if asked_update is not None else "the hparams' update_form"
     return (f"update: ROME's rank-one update, {update_form} form ({why}), "
-            + (f"protecting {protect} (--protect)" if protected else "no protection"))
+            + (f"protecting {protect}" if protected else "no protection"))
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -89,12 +90,12 @@ def run_edit(args: argparse.Namespace) -> int:
     check_protect_pool(args, None)  # before the model loads
     ed = setup_editor(args, prompt=args.prompt, subjects=[args.subject])
     lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
-    print(update_line(hp.update_form, args.update, args.protect))
+    print(update_line(hp.update_form, args.update, protect_label(args, hp)))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()
     (record,) = compute_edits(lm, [request], hp, templates, inverse, progress=False)
-    protection = protection_from_args(args, lm, hp.layer, args.prompt, None, templates)
+    protection = protection_from_args(args, lm, hp.layer, args.prompt, None, templates, hp)
     if protection is not None:
         (record,) = protect_records(lm, [record], protection, ed.solver)
     gens = generations(lm, record)

@@ -234,7 +234,7 @@ def _edit_relation(lm, args, result, template, record, vector, layer, k) -> dict
         k_star = key_star(lm, layer, template, args.subject, ed.context_templates)
         inverse = ed.inverse
         directions["u = C^-1 k*" if inverse is not None else "k* (no mom2)"] = (
-            inverse.solver.solve(k_star) if inverse is not None else k_star)
+            inverse.solve(k_star) if inverse is not None else k_star)
     if vector is not None:
         w = out_proj_weight(lm.model, lm.arch, layer).detach()
         w = w.T if lm.arch.out_proj_transposed else w

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rome_edit.analysis.deltas import load_delta_set
-from rome_edit.analysis.directions import DIRECTION_NAMES, candidate_directions
+from rome_edit.analysis.directions import DIRECTION_NAMES
 from rome_edit.api.editor import Editor
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.inspection.lens_plots import layer_token_heatmap
@@ -76,7 +76,7 @@ def run_linearize(args: argparse.Namespace) -> int:
         svd[name] = {"singular_values": s.tolist(), "left": left, "right": right}
     report["svd"] = {n: {"singular_values": v["singular_values"]} for n, v in svd.items()}
     if deltas is not None:
-        dirs = candidate_directions(deltas, seed=args.seed).as_dict()
+        dirs = deltas.directions(seed=args.seed).as_dict()
         d = svd["value"]["left"].shape[1]
         report["cosines"] = {
             "note": "|cos| of the value map's top singular directions (left: output/value "

@@ -28,9 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--corpus", default="bundled",
                        help="'bundled' (the bundled model's training text, default), a text file "
                             "(one document per line), a folder of .txt files (one document "
-                            "each), sampled[:SEED] (text sampled from the model itself; see "
-                            "docs/calibration.md), or hf:NAME[:CONFIG] (needs the 'datasets' "
-                            "package)")
+                            "each), debian-handbook (real English prose: apt-get install "
+                            "debian-handbook; docs/statistics.md), sampled[:SEED] (text sampled "
+                            "from the model itself; see docs/statistics.md), or "
+                            "hf:NAME[:CONFIG] (needs the 'datasets' package)")
     stats.add_argument("--whole-file", action="store_true",
                        help="treat a --corpus text file as one document instead of one per line")
     stats.add_argument("--n-samples", type=int, default=100_000,

@@ -3,7 +3,10 @@
 
 ``--protect other-names`` / ``same-last-token`` choose from a pool of subjects: the
 ``--protect-names`` file, else the pool the command supplies (the study's commands supply their
-names); a generic command supplies none, so there the file is required."""
+names); a generic command supplies none, so there the file is required.  ``edit`` and ``sweep``
+also honour the protection an hparams file carries (its ``"protect"`` key, written by
+``rome-edit calibrate``; :mod:`rome_edit.forms.recipe`) when ``--protect`` is not given; any
+``--protect`` (``none`` included) overrides the file."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from rome_edit.forms.protected_keys import (
     build_bank,
     read_names_file,
 )
+from rome_edit.forms.recipe import HPARAMS_KEY, ProtectRecipe
 from rome_edit.models.loading import LoadedModel
+from rome_edit.rome.hparams import ROMEHyperParams
 
 _DEFAULT = ProtectSettings()
 NO_PROTECTION = "none"
@@ -63,12 +68,40 @@ def check_protect_pool(args: argparse.Namespace, pool: Sequence[str] | None) -> 
                          "subjects in FILE.")
 
 
+def file_recipe(args: argparse.Namespace, hparams: ROMEHyperParams | None
+                ) -> ProtectRecipe | None:
+    """The hparams file's protection, where ``--protect`` does not override it."""
+    if args.protect is not None or hparams is None:
+        return None
+    return ProtectRecipe.from_hparams(hparams)
+
+
+def protect_label(args: argparse.Namespace, hparams: ROMEHyperParams | None = None
+                  ) -> str | None:
+    """What the command protects and who asked, for its ``update:`` line (``None``: nothing)."""
+    recipe = file_recipe(args, hparams)
+    if recipe is not None:
+        return f"{recipe.label()} (the hparams file's {HPARAMS_KEY!r})"
+    if args.protect is None or args.protect == NO_PROTECTION:
+        return None
+    return f"{args.protect} (--protect)"
+
+
 def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, prompt: str,
-                         pool: Sequence[str] | None, context_templates: Sequence[str]
-                         ) -> Protection | None:
-    """The protection the arguments ask for (``None`` without ``--protect`` or with
-    ``--protect none``); ``pool``: the command's own subjects for other-names/same-last-token
-    (``None``: none, ``--protect-names`` is then required)."""
+                         pool: Sequence[str] | None, context_templates: Sequence[str],
+                         hparams: ROMEHyperParams | None = None) -> Protection | None:
+    """The protection the arguments ask for, else the one ``hparams`` carries (``None``
+    without either, or with ``--protect none``); ``pool``: the command's own subjects for
+    other-names/same-last-token (``None``: none, ``--protect-names`` is then required)."""
+    recipe = file_recipe(args, hparams)
+    if recipe is not None:
+        if args.protect_names is not None:
+            pool = read_names_file(args.protect_names)
+        if not pool:
+            raise ValueError(f"the hparams file protects {recipe.label()}, which chooses among "
+                             "a pool of subjects, and this command has none; give "
+                             "--protect-names FILE (one subject per line), or --protect none.")
+        return recipe.build(lm, layer, prompt, pool, context_templates)
     if args.protect is None or args.protect == NO_PROTECTION:
         return None
     check_protect_pool(args, pool)

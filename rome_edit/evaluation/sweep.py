@@ -37,10 +37,11 @@ from rome_edit.errors import ParameterError
 from rome_edit.evaluation.evaluate import KeptFact, edit_fluency, evaluate_edits, summarize
 from rome_edit.forms.protected_keys import Protection, protect_records
 from rome_edit.models.loading import LoadedModel
-from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.record import TENSOR_NAMES
 from rome_edit.rome.request import EditRequest
+from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.storage import atomic_save_tensors, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ FLUENCY_TOKENS = 30
 
 
 def _manifest(lm: LoadedModel, hp: ROMEHyperParams, templates: Sequence[str],
-              inverse: SecondMomentInverse | None, requests: Sequence[EditRequest]) -> dict:
+              inverse: InverseSecondMoment | None, requests: Sequence[EditRequest]) -> dict:
     prompts = {r.prompt for r in requests}
     return {"model_identity": lm.identity, "attn_implementation": lm.attn_implementation,
             "layer": hp.layer, "prompt": prompts.pop() if len(prompts) == 1 else None,
@@ -130,7 +131,7 @@ def run_sweep(
     hp: ROMEHyperParams,
     context_templates: Sequence[str],
     out_dir: str | Path,
-    inverse: SecondMomentInverse | None = None,
+    inverse: InverseSecondMoment | None = None,
     batch_size: int = 64,
     *,
     labels: Sequence[int] | None = None,
@@ -204,7 +205,7 @@ def run_sweep(
                                 inverse, chunk_size=batch_size, progress=False)
         if protection is not None:
             records = protect_records(lm, records, protection,
-                                      inverse.solver if inverse is not None else None)
+                                      inverse)
         scores = evaluate_edits(lm, records, pool, kept, progress=False)
         texts = [edit_fluency(lm, r, FLUENCY_TOKENS) for r in records[:fluency_per_batch]]
         texts += [{}] * (len(records) - len(texts))

@@ -40,9 +40,9 @@ from rome_edit.models.hooks import EditFn, edit_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import encode_batch, single_token_id
 from rome_edit.models.subject import locate_subject, split_template
-from rome_edit.rome.compute import SecondMomentInverse
 from rome_edit.rome.hparams import UpdateForm
 from rome_edit.rome.key import key_stars, keys_and_values
+from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.weights.write import add_rank_one, preserved, row_edits
 
 Mode = Literal["weights", "activations"]
@@ -104,7 +104,7 @@ class SubjectKeys:
     """
 
     def __init__(self, lm: LoadedModel, layer: int, subjects: Sequence[str], prompt: str,
-                 context_templates: Sequence[str], inverse: SecondMomentInverse | None,
+                 context_templates: Sequence[str], inverse: InverseSecondMoment | None,
                  update_form: UpdateForm = "rome-reference",
                  protection: Protection | None = None) -> None:
         _check_update_form(update_form)
@@ -120,12 +120,12 @@ class SubjectKeys:
         n = len(self.subjects)
         self.k_star = key_stars(lm, layer, [prompt] * n, self.subjects, context_templates)
         self.k_bare, self.v_orig = keys_and_values(lm, layer, [prompt] * n, self.subjects)
-        self.u = inverse.solver.solve(self.k_star).float() if inverse is not None else self.k_star
+        self.u = inverse.solve(self.k_star).float() if inverse is not None else self.k_star
         if update_form == "rome-reference":
             self.u = self.u / self.u.norm(dim=-1, keepdim=True)
         if protection is not None:  # each subject's u spares the other protected subjects
             self.u = protected_u(lm, protection, self.subjects, self.k_star,
-                                 inverse.solver if inverse is not None else None)
+                                 inverse)
         module = get_module(lm.model, lm.arch.out_proj.format(layer))
         with torch.no_grad():
             w = get_weight(lm.model, lm.arch.out_proj.format(layer))
@@ -188,7 +188,7 @@ class VectorApplier(SubjectKeys):
 
     def __init__(self, lm: LoadedModel, layer: int, subjects: Sequence[str],
                  labels: Sequence[int], tasks: Sequence[BinaryTask],
-                 context_templates: Sequence[str], inverse: SecondMomentInverse | None,
+                 context_templates: Sequence[str], inverse: InverseSecondMoment | None,
                  update_form: UpdateForm = "rome-reference",
                  protection: Protection | None = None) -> None:
         if not tasks:

@@ -37,10 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rome_edit.forms.protect import Solver, second_moment_matrix
+from rome_edit.forms.protect import second_moment_matrix
 from rome_edit.models.architectures import get_module, out_proj_weight
 from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.key import key_stars, keys_and_values
+from rome_edit.rome.solver import Solver
+from rome_edit.weights.write import copy_layers, subtract_rank_one
 
 __all__ = ["LayerChange", "RecoveredEdit", "changed_layers", "compare_with_targets",
            "identify_edits", "revert_all", "revert_edit"]
@@ -185,22 +187,16 @@ def _bias(lm: LoadedModel, layer: int) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float64) if b is None else b.detach().double().cpu()
 
 
-@torch.no_grad()
 def revert_edit(lm: LoadedModel, edit: RecoveredEdit) -> None:
-    """``W ← W − Λ uᵀ`` for one recovered edit (float32 arithmetic, like writing it)."""
-    weight = out_proj_weight(lm.model, lm.arch, edit.layer)
-    outer = torch.outer(edit.lam.float(), edit.u.float()).to(weight.device)
-    if lm.arch.out_proj_transposed:
-        outer = outer.T
-    weight.copy_((weight.float() - outer).to(weight.dtype))
+    """``W ← W − Λ uᵀ`` for one recovered edit (float32 arithmetic, like writing it;
+    :func:`rome_edit.weights.write.subtract_rank_one`)."""
+    subtract_rank_one(lm, edit.layer, edit.u, edit.lam)
 
 
-@torch.no_grad()
 def revert_all(edited: LoadedModel, original: LoadedModel, layers: Sequence[int]) -> None:
-    """Copy the original output projections of ``layers`` back (bit-identical)."""
-    for layer in layers:
-        out_proj_weight(edited.model, edited.arch, layer).copy_(
-            out_proj_weight(original.model, original.arch, layer))
+    """Copy the original output projections of ``layers`` back (bit-identical;
+    :func:`rome_edit.weights.write.copy_layers`)."""
+    copy_layers(edited, original, layers)
 
 
 

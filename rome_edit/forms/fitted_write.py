@@ -31,12 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rome_edit.forms.protect import Solver, second_moment_matrix
+from rome_edit.forms.protect import second_moment_matrix
 from rome_edit.models.hooks import edit_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import next_token_logprobs, single_token_id
 from rome_edit.models.subject import fill, locate_subjects
 from rome_edit.rome.key import prompt_keys
+from rome_edit.rome.solver import Solver
 from rome_edit.weights.write import add_rank_one
 
 log = logging.getLogger(__name__)

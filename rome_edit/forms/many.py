@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from rome_edit.forms.protect import (
     ProtectSettings,
-    Solver,
     _c_inv,
     null_space_basis,
     protected_direction,
@@ -48,8 +47,9 @@ from rome_edit.models.architectures import check_editable, check_layer, out_proj
 from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.key import key_stars, keys_and_values
+from rome_edit.rome.solver import Solver
 from rome_edit.weights.targets import EditTargets
-from rome_edit.weights.write import add_rank_one
+from rome_edit.weights.write import add_rank_one, add_update
 
 log = logging.getLogger(__name__)
 ManyForm = Literal["sequential", "batched"]
@@ -157,8 +157,7 @@ def write_edits(lm: LoadedModel, targets: EditTargets, form: ManyForm = "sequent
         residual = targets.v_star - layer_output(lm, layer, targets.k_star)
         c = second_moment_matrix(solver, d)
         delta_w = batched_delta(targets.k_star, residual, c, mom2_weight, protected, settings)
-        stored = delta_w.T if lm.arch.out_proj_transposed else delta_w
-        weight.copy_((weight.float() + stored.float().to(weight.device)).to(weight.dtype))
+        add_update(lm, layer, delta_w)
     else:
         _write_sequential(lm, targets, solver, protected if bank is not None else None,
                           settings, progress)

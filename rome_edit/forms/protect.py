@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
 from rome_edit.errors import ParameterError
+from rome_edit.rome.solver import Solver
 
 ProtectForm = Literal["auto", "hard", "soft", "null-space"]
 PROTECT_FORMS: tuple[str, ...] = ("auto", "hard", "soft", "null-space")
@@ -47,10 +48,6 @@ MAX_CONDITION = 1e12  # of the hard form's Gram matrix KᵀC⁻¹K, beyond which
 
 __all__ = ["PROTECT_FORMS", "ProtectForm", "ProtectSettings", "ProtectedDirections",
            "protected_direction", "second_moment_matrix"]
-
-
-class Solver(Protocol):
-    def solve(self, keys: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,13 @@ from pathlib import Path
 import torch
 
 from rome_edit.errors import MissingFileError, ParameterError
-from rome_edit.forms.protect import ProtectedDirections, ProtectSettings, Solver
+from rome_edit.forms.protect import ProtectedDirections, ProtectSettings
 from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.subject import last_tokens
 from rome_edit.rome.key import key_stars, prompt_keys
 from rome_edit.rome.record import EditRecord
+from rome_edit.rome.solver import Solver
 
 log = logging.getLogger(__name__)
 SOURCES = ("other-names", "same-last-token")

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rome_edit.models.loading import LoadedModel
-from rome_edit.rome.compute import SecondMomentInverse, compute_edits
+from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
+from rome_edit.rome.solver import SolverWithProvenance
 from rome_edit.weights.write import add_rank_one
 
 __all__ = ["edit_sequentially"]
@@ -25,7 +26,7 @@ def edit_sequentially(
     requests: Sequence[EditRequest],
     hp: ROMEHyperParams,
     context_templates: Sequence[str],
-    inverse: SecondMomentInverse | None = None,
+    inverse: SolverWithProvenance | None = None,
 ) -> list[EditRecord]:
     """Compute and apply one edit after another (persistently); returns the records in order."""
     records = []

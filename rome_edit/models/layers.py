@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rome_edit.models.architectures import get_module
+from rome_edit.models.architectures import get_module, get_weight
 from rome_edit.models.loading import LoadedModel
 
 
@@ -66,8 +66,6 @@ def fused_activations(model: nn.Module) -> Iterator[None]:
 def layer_output(lm: LoadedModel, layer: int, keys: torch.Tensor) -> torch.Tensor:
     """The edit layer's output projection (bias included) applied to rows of ``keys`` with the
     current weights, in float32 on the CPU: the value ``W k + b`` a key reads."""
-    module = get_module(lm.model, lm.arch.out_proj.format(layer))
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)  # an nn.Linear-like projection
-    out: torch.Tensor = module(keys.to(device=weight.device, dtype=weight.dtype))
-    return out.float().cpu()
+    name = lm.arch.out_proj.format(layer)
+    module, weight = get_module(lm.model, name), get_weight(lm.model, name)
+    return module(keys.to(device=weight.device, dtype=weight.dtype)).float().cpu()

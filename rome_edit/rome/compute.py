@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
@@ -24,12 +23,18 @@ from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.key import key_stars, keys_and_values
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
+
+# SecondMomentInverse (deprecated) and Solver stay importable from here, their pre-0.3 home.
+from rome_edit.rome.solver import SecondMomentInverse, Solver, SolverWithProvenance
 from rome_edit.rome.update import rank_one_update
-from rome_edit.rome.value_batched import optimize_values
-from rome_edit.rome.value_loop import EARLY_STOP_LOSS
-from rome_edit.rome.value_reference import loss_layer_of, optimize_value
+from rome_edit.rome.value_batched import optimise_values
+from rome_edit.rome.value_loop import EARLY_STOP_LOSS, loss_layer_of
+from rome_edit.rome.value_reference import optimise_value
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ENGINES", "Engine", "SecondMomentInverse", "Solver", "SolverWithProvenance",
+           "check_request_inputs", "compute_edits"]
 # "batched": the batched value engine, with the GPT-J kernel where it applies and agrees;
 # "batched-generic": the same engine on the model's own forward only; "simple": one request at
 # a time, every step a full forward over all prompts (the reference's way).
@@ -37,22 +42,8 @@ Engine = Literal["batched", "batched-generic", "simple"]
 ENGINES: tuple[str, ...] = ("batched", "batched-generic", "simple")
 
 
-class Solver(Protocol):
-    """Anything that applies ``C⁻¹`` to rows of keys (e.g. ``InverseSecondMoment``)."""
-
-    def solve(self, keys: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class SecondMomentInverse:
-    """``C⁻¹`` plus where ``C`` came from (stored in every record)."""
-
-    solver: Solver
-    provenance: dict
-
-
 def check_request_inputs(lm: LoadedModel, hp: ROMEHyperParams,
-                         inverse: SecondMomentInverse | None) -> None:
+                         inverse: SolverWithProvenance | None) -> None:
     check_layer(lm.model, lm.arch, hp.layer)
     check_editable(lm.model, lm.arch, hp.layer)
     loss_layer_of(lm, hp)
@@ -86,7 +77,7 @@ def compute_edits(
     requests: Sequence[EditRequest],
     hp: ROMEHyperParams,
     context_templates: Sequence[str],
-    inverse: SecondMomentInverse | None = None,
+    inverse: SolverWithProvenance | None = None,
     engine: Engine = "batched",
     chunk_size: int = 64,
     progress: bool = True,
@@ -109,15 +100,15 @@ def compute_edits(
         k_star = key_stars(lm, layer, prompts, subjects, context_templates)
     t_key = time.perf_counter() - t0
     if engine != "simple":  # k* comes out of the value pass's first forward
-        values = optimize_values(lm, requests, hp, context_templates, chunk_size, progress,
+        values = optimise_values(lm, requests, hp, context_templates, chunk_size, progress,
                                  use_kernel=engine == "batched", early_stop_loss=early_stop_loss)
         k_star = torch.stack([v.k_star for v in values])
     else:
-        values = [optimize_value(lm, r, hp, context_templates, early_stop_loss)
+        values = [optimise_value(lm, r, hp, context_templates, early_stop_loss)
                   for r in requests]
     t_value = time.perf_counter() - t0 - t_key
     use_c = hp.mom2_adjustment and inverse is not None
-    c_inv_k = inverse.solver.solve(k_star).float().cpu() if use_c else k_star
+    c_inv_k = inverse.solve(k_star).float().cpu() if use_c else k_star
     value_of_k_star = layer_output(lm, layer, k_star)
     total = time.perf_counter() - t0
     records = []
@@ -130,7 +121,7 @@ def compute_edits(
             request=req, model_identity=lm.identity, layer=layer, hparams=hp.to_dict(),
             k_star=k_star[i], v_orig=val.v_init, v_star=v_star, delta=val.delta, u=upd.u,
             lam=upd.lam, update_form=hp.update_form,
-            stats=inverse.provenance if use_c else None, losses=val.losses,
+            stats=dict(inverse.provenance) if use_c else None, losses=val.losses,
             timings={"key_s": t_key / len(requests), "value_s": t_value / len(requests),
                      "total_s": total / len(requests), "engine": engine, "step": val.step,
                      "batch": len(requests)},

@@ -23,7 +23,9 @@ same function to float rounding).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,13 +37,12 @@ from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.prefix_pass import PromptBatch, prefix_pass
 from rome_edit.rome.request import EditRequest, rewriting_layouts
 from rome_edit.rome.suffix_step import step_logits
-from rome_edit.rome.value_loop import EARLY_STOP_LOSS, optimise_deltas
-from rome_edit.rome.value_reference import ValueResult, loss_layer_of
+from rome_edit.rome.value_loop import EARLY_STOP_LOSS, ValueResult, loss_layer_of, optimise_deltas
 
-__all__ = ["SuffixProblem", "optimize_values"]
+__all__ = ["SuffixProblem", "optimise_values", "optimize_values"]
 
 
-def optimize_values(
+def optimise_values(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     hp: ROMEHyperParams,
@@ -52,7 +53,7 @@ def optimize_values(
     early_stop_loss: float = EARLY_STOP_LOSS,
 ) -> list[ValueResult]:
     """δ for every request; per request equal to
-    :func:`rome_edit.rome.value_reference.optimize_value`.
+    :func:`rome_edit.rome.value_reference.optimise_value`.
 
     ``chunk_size`` requests share one batch (``chunk_size × (len(context_templates) + 1)``
     rows); lower it to save memory.  ``use_kernel=False`` keeps an undispatched GPT-J on the
@@ -63,7 +64,7 @@ def optimize_values(
     with fused_activations(lm.model):
         for start in range(0, len(requests), chunk_size):
             chunk = requests[start : start + chunk_size]
-            results.extend(_optimize_chunk(lm, chunk, hp, context_templates, use_kernel,
+            results.extend(_optimise_chunk(lm, chunk, hp, context_templates, use_kernel,
                                            early_stop_loss))
             bar.update(len(chunk))
     bar.close()
@@ -96,7 +97,7 @@ class SuffixProblem:
         return self._v_init
 
 
-def _optimize_chunk(lm, requests, hp, context_templates, use_kernel,
+def _optimise_chunk(lm, requests, hp, context_templates, use_kernel,
                     early_stop_loss) -> list[ValueResult]:
     per_request = []
     for req in requests:
@@ -107,3 +108,11 @@ def _optimize_chunk(lm, requests, hp, context_templates, use_kernel,
     return [ValueResult(out.v_init[i].cpu(), out.delta[i].detach().cpu(), out.losses[i],
                         out.nlls[i], problem.k_star[i].cpu(), problem.path)
             for i in range(problem.n)]
+
+
+def optimize_values(*args: Any, **kwargs: Any) -> list[ValueResult]:
+    """Deprecated spelling of :func:`optimise_values` (the project writes British English);
+    removed in 1.0."""
+    warnings.warn("optimize_values is deprecated; use optimise_values (same arguments).",
+                  DeprecationWarning, stacklevel=2)
+    return optimise_values(*args, **kwargs)

@@ -27,12 +27,38 @@ from typing import Protocol
 
 import torch
 
+from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.hparams import ROMEHyperParams
 
-__all__ = ["EARLY_STOP_LOSS", "LoopResult", "StepProblem", "clamp_", "optimise_deltas"]
+__all__ = ["EARLY_STOP_LOSS", "LoopResult", "StepProblem", "ValueResult", "clamp_",
+           "loss_layer_of", "optimise_deltas"]
 
 EARLY_STOP_LOSS = 5e-2  # the reference's threshold
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the reference uses
+
+
+@dataclass(frozen=True)
+class ValueResult:
+    v_init: torch.Tensor  # (d_model,) MLP output at the subject's last token, bare prompt
+    delta: torch.Tensor  # (d_model,) the optimised δ = v* − v_init
+    losses: tuple[float, ...]  # total loss at each evaluation
+    nll: tuple[float, ...]  # its NLL part
+    k_star: torch.Tensor | None = None  # (d_mlp,) k*, where the engine computed it on the way
+    step: str = "full-forward"  # what computed each step's logits (see rome.suffix_step)
+
+    @property
+    def v_star(self) -> torch.Tensor:
+        return self.v_init + self.delta
+
+
+def loss_layer_of(lm: LoadedModel, hp: ROMEHyperParams) -> int:
+    """The layer whose output the value loss reads (never below the edit layer), checked
+    against the model's depth."""
+    loss_layer = max(hp.v_loss_layer, hp.layer)
+    if loss_layer >= lm.n_layers:
+        raise ValueError(f"v_loss_layer {hp.v_loss_layer} is beyond this model's last layer "
+                         f"({lm.n_layers - 1}); set v_loss_layer to {lm.n_layers - 1}.")
+    return loss_layer
 
 
 class StepProblem(Protocol):

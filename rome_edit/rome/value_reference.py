@@ -9,8 +9,9 @@ output at the subject's last token by a hook.  It is the plain implementation th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,31 +22,14 @@ from rome_edit.models.loading import LoadedModel
 from rome_edit.models.scoring import pad_id, right_pad
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.request import EditRequest, PromptLayout, rewriting_layouts
-from rome_edit.rome.value_loop import EARLY_STOP_LOSS, optimise_deltas
+from rome_edit.rome.value_loop import (
+    EARLY_STOP_LOSS,
+    ValueResult,
+    loss_layer_of,
+    optimise_deltas,
+)
 
-__all__ = ["FullForward", "ValueResult", "loss_layer_of", "optimize_value"]
-
-
-@dataclass(frozen=True)
-class ValueResult:
-    v_init: torch.Tensor  # (d_model,) MLP output at the subject's last token, bare prompt
-    delta: torch.Tensor  # (d_model,) the optimised δ = v* − v_init
-    losses: tuple[float, ...]  # total loss at each evaluation
-    nll: tuple[float, ...]  # its NLL part
-    k_star: torch.Tensor | None = None  # (d_mlp,) k*, where the engine computed it on the way
-    step: str = "full-forward"  # what computed each step's logits (see editing.suffix_step)
-
-    @property
-    def v_star(self) -> torch.Tensor:
-        return self.v_init + self.delta
-
-
-def loss_layer_of(lm: LoadedModel, hp: ROMEHyperParams) -> int:
-    loss_layer = max(hp.v_loss_layer, hp.layer)
-    if loss_layer >= lm.n_layers:
-        raise ValueError(f"v_loss_layer {hp.v_loss_layer} is beyond this model's last layer "
-                         f"({lm.n_layers - 1}); set v_loss_layer to {lm.n_layers - 1}.")
-    return loss_layer
+__all__ = ["FullForward", "ValueResult", "loss_layer_of", "optimise_value", "optimize_value"]
 
 
 class FullForward:
@@ -103,7 +87,7 @@ class FullForward:
         return self._v_init
 
 
-def optimize_value(
+def optimise_value(
     lm: LoadedModel, request: EditRequest, hp: ROMEHyperParams, context_templates: Sequence[str],
     early_stop_loss: float = EARLY_STOP_LOSS,
 ) -> ValueResult:
@@ -112,3 +96,11 @@ def optimize_value(
     out = optimise_deltas(FullForward(lm, [[*layouts, kl]], hp), hp, early_stop_loss)
     return ValueResult(out.v_init[0].cpu(), out.delta[0].detach().cpu(), out.losses[0],
                        out.nlls[0])
+
+
+def optimize_value(*args: Any, **kwargs: Any) -> ValueResult:
+    """Deprecated spelling of :func:`optimise_value` (the project writes British English);
+    removed in 1.0."""
+    warnings.warn("optimize_value is deprecated; use optimise_value (same arguments).",
+                  DeprecationWarning, stacklevel=2)
+    return optimise_value(*args, **kwargs)

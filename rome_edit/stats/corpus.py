@@ -14,6 +14,9 @@ keyed by it:
 * ``hf:NAME[:CONFIG]``: the ``text`` field of a Hugging Face dataset's train split, streamed
   (needs the optional ``datasets`` package, asked for only when this corpus is), id
   ``hf:NAME[:CONFIG]:train``;
+* ``debian-handbook``: real English prose from a package registry, the Debian Administrator's
+  Handbook (``apt-get install debian-handbook``; :mod:`rome_edit.stats.handbook`), id
+  ``debian-handbook:<sha256[:12]>``;
 * ``sampled`` / ``sampled:SEED``: text sampled from the model itself
   (:mod:`rome_edit.stats.sampled`; a warning says what that means), id
   ``sampled:<fingerprint>:seed<SEED>:len<L>:batch<B>``.
@@ -22,12 +25,13 @@ keyed by it:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rome_edit.errors import ParameterError
 from rome_edit.models.loading import LoadedModel
+from rome_edit.stats.handbook import handbook_corpus
+from rome_edit.stats.sampled import sampled_corpus
+from rome_edit.stats.text_corpus import CorpusError, TextCorpus
 from rome_edit.study.corpus import iter_documents
 from rome_edit.study.names import load_names
 
@@ -37,22 +41,10 @@ BUNDLED_DOCS_PER_NAME = 40
 BUNDLED_FILLER_PER_NAME = 16
 
 
-class CorpusError(ParameterError):
-    """A corpus that cannot be read; the message says what to fix."""
+__all__ = ["HANDBOOK", "CorpusError", "TextCorpus", "bundled_corpus", "file_corpus",
+           "folder_corpus", "hf_corpus", "resolve_corpus", "tokenize_documents"]
 
-
-@dataclass(frozen=True)
-class TextCorpus:
-    """A re-iterable source of documents and the id that names its exact text."""
-
-    corpus_id: str
-    documents: Callable[[], Iterator[str]]
-    # Materialise the first n documents now: a corpus that runs the model to make its text
-    # (``sampled``) must do so before the statistics pass installs its hooks.
-    prepare: Callable[[int], None] | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self.documents()
+HANDBOOK = "debian-handbook"  # the named real-text corpus (rome_edit.stats.handbook)
 
 
 def _short_hash(chunks: Iterable[bytes]) -> str:
@@ -145,11 +137,14 @@ def hf_corpus(name: str, config: str | None = None, split: str = "train",
 
 def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
                    lm: LoadedModel | None = None) -> TextCorpus:
-    """``None``/``"bundled"``, ``"hf:NAME[:CONFIG]"``, ``"sampled[:SEED]"`` (needs ``lm``, the
-    model to sample from), a text file, or a folder of .txt files."""
+    """``None``/``"bundled"``, ``"debian-handbook"``, ``"hf:NAME[:CONFIG]"``,
+    ``"sampled[:SEED]"`` (needs ``lm``, the model to sample from), a text file, or a folder of
+    .txt files."""
     if spec is None or str(spec) == "bundled":
         return bundled_corpus()
     text = str(spec)
+    if text == HANDBOOK:
+        return handbook_corpus()
     if text == "sampled" or text.startswith("sampled:"):
         seed = text.partition(":")[2] or "0"
         if not seed.isdigit():
@@ -158,9 +153,6 @@ def resolve_corpus(spec: str | Path | None = None, whole_file: bool = False,
         if lm is None:
             raise CorpusError("the 'sampled' corpus is text sampled from the model; it needs "
                               "the model (pass lm=...).")
-        # Imported here: the sampling module builds on this one's TextCorpus.
-        from rome_edit.stats.sampled import sampled_corpus
-
         return sampled_corpus(lm, seed=int(seed))
     if text.startswith("hf:"):
         name, _, config = text[3:].partition(":")

@@ -17,13 +17,21 @@ warning suggests a ridge; an exactly singular ``C`` is a clear error.
 the mean key energy ``tr(C)/d`` so that one value means the same on every model and layer,
 whatever the scale of its keys (an absolute λ would not); ``ridge = 0`` (the default) is exactly
 the reference.  Typical values when needed: 1e-6 to 1e-3.
+
+**Provenance**: an :class:`InverseSecondMoment` also says where ``C`` came from (model identity,
+layer, width, corpus, token count, dtype, ridge, file), the mapping every edit record stores; it
+is the package's one "``C⁻¹`` with its origin" (the engine names it by the protocols of
+:mod:`rome_edit.rome.solver`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Literal
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -48,12 +56,26 @@ def with_ridge(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class InverseSecondMoment:
-    """A float64 factorisation of ``C + ridge·mean(diag C)·I`` that solves for many keys."""
+    """A float64 factorisation of ``C + ridge·mean(diag C)·I`` that solves for many keys, and
+    where ``C`` came from (``provenance``; empty unless given, see :meth:`with_provenance`)."""
 
     factor: torch.Tensor  # Cholesky L (lower) or packed LU
     pivots: torch.Tensor | None  # LU pivots; None for Cholesky
     ridge: float
     method: Literal["cholesky", "lu"]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def with_provenance(self, provenance: Mapping[str, Any]) -> InverseSecondMoment:
+        """The same factorisation (tensors shared, not copied) with ``provenance``."""
+        return dataclasses.replace(self, provenance=dict(provenance))
+
+    @property
+    def solver(self) -> InverseSecondMoment:
+        """Deprecated (0.3): this object itself (it was the solver part of
+        ``SecondMomentInverse``, which this class replaces); removed in 1.0."""
+        warnings.warn("inverse.solver is deprecated: an InverseSecondMoment is itself the "
+                      "solver; use it directly.", DeprecationWarning, stacklevel=2)
+        return self
 
     @property
     def dim(self) -> int:

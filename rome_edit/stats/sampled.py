@@ -13,7 +13,15 @@ means, and why a warning is logged when it is used:
 * the text depends on the weights, the seed and (through float rounding) the device, so it is
   identified by the model's fingerprint, the seed and the length, and cached like any corpus.
 
-Prefer a real text folder (``--corpus DIR``) when one exists.
+Prefer real text when it exists: ``--corpus debian-handbook`` (:mod:`rome_edit.stats.handbook`)
+or a folder of text files (``--corpus DIR``).
+
+Cost: each text is ``length − 1`` forward steps of the *whole* model, batched (``batch`` texts
+at once) with the KV cache, so a step processes one new token per text.  On a CPU the steps are
+matrix products (84% of a step's time on SmolLM2-135M); a preallocated static cache instead of
+the growing one measured no faster there.  The statistics pass on the same text then runs the
+blocks up to the edit layer only.  Sampling is therefore several times dearer per token than the
+statistics on real text (docs/statistics.md has the figures).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from tqdm.auto import tqdm
 
 from rome_edit.models.compat import cache_kwargs, output_cache
 from rome_edit.models.loading import LoadedModel
-from rome_edit.stats.corpus import CorpusError, TextCorpus
+from rome_edit.stats.text_corpus import CorpusError, TextCorpus
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +44,8 @@ EMPTY_BATCHES_ALLOWED = 3
 SAMPLED_WARNING = (
     "second-moment statistics on text sampled from the model itself (corpus 'sampled'): "
     "they reflect what the model generates, not real text, so inputs it rarely produces are "
-    "under-represented in C; pass corpus='DIR' (command line: --corpus DIR), a folder of .txt "
-    "files, for real text."
+    "under-represented in C; for real text pass corpus='debian-handbook' (apt-get install "
+    "debian-handbook) or corpus='DIR', a folder of .txt files (command line: --corpus)."
 )
 
 
@@ -98,7 +106,8 @@ def sampled_corpus(lm: LoadedModel, seed: int = 0, length: int = DEFAULT_SAMPLE_
 
     def prepare(n: int) -> None:
         prepared.append(n)
-        bar = tqdm(total=n, initial=min(n, len(texts)), unit="text", desc="sampling corpus",
+        bar = tqdm(total=n, initial=min(n, len(texts)), unit="text",
+                   desc=f"sampling {length}-token texts from the model for C",
                    disable=n <= len(texts))
         while len(texts) < n:
             have = len(texts)

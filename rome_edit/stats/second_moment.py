@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,10 +346,14 @@ def compute_second_moment(
     resumed = load_checkpoint(checkpoint, identity) if checkpoint else EMPTY
     accumulator.restore(resumed)
     n_documents = resumed.n_documents
-    log.info("second moment of %s at %s over %s (up to %d documents, %s)", lm.identity, name,
-             corpus.corpus_id, n_samples, dtype)
+    log.info("second moment of %s at %s over %s (up to %d documents, %s); the forward pass "
+             "runs blocks 0..%d only", lm.identity, name, corpus.corpus_id, n_samples, dtype,
+             layer)
+    started = time.perf_counter()
+    # The bar counts documents (its total is the cap: a corpus may hold fewer, and then the
+    # pass ends early) and shows the tokens read so far, what the cost follows.
     with capture(lm.model, [name], inputs=True, outputs=False, stop_after=name) as record, \
-            tqdm(total=n_samples, unit="doc", desc=f"C at layer {layer}",
+            tqdm(total=n_samples, unit="doc", desc=f"C = E[kkᵀ] at layer {layer}",
                  disable=not progress or not workers.is_main) as bar:
         # Batches are sorted by length within windows; a pass that may stop checks only at a
         # window's end, so what it has read is always the first n_documents documents (the
@@ -368,6 +373,7 @@ def compute_second_moment(
             keys = keys[mask.to(keys.device).bool()]
             accumulator.update(keys)
             n_documents += len(batch)
+            bar.set_postfix(tokens=accumulator.n_tokens, refresh=False)
             bar.update(len(batch))
             if monitor is not None:
                 monitor.observe(keys)
@@ -378,6 +384,10 @@ def compute_second_moment(
             if checkpoint and (index // workers.world_size + 1) % checkpoint_every == 0:
                 save_checkpoint(checkpoint, identity,
                                 accumulator.snapshot(n_documents, index + 1))
+    seconds = time.perf_counter() - started
+    log.info("read %d documents, %d tokens at layer %d in %.1f s (%.0f tokens/s)",
+             n_documents - resumed.n_documents, accumulator.n_tokens - resumed.n_tokens, layer,
+             seconds, (accumulator.n_tokens - resumed.n_tokens) / max(seconds, 1e-9))
     accumulator.all_reduce(workers)
     n_documents = workers.sum_int(n_documents)
     stopping = None

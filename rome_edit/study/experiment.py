@@ -15,7 +15,7 @@ from rome_edit.api.analyze import AnalysisSettings, HeldOut, analyze
 from rome_edit.api.analyze import completions as generic_completions
 from rome_edit.evaluation.vectors import BinaryTask, VectorApplier
 from rome_edit.models.loading import LoadedModel
-from rome_edit.rome.compute import SecondMomentInverse
+from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT, GENDER_TASKS, gender_labels
 
@@ -51,7 +51,7 @@ def heldout_set(names: Sequence[NameEntry], prompt: str = EDIT_PROMPT) -> HeldOu
 
 
 def gender_applier(lm: LoadedModel, layer: int, names: Sequence[NameEntry],
-                   context_templates: Sequence[str], inverse: SecondMomentInverse | None
+                   context_templates: Sequence[str], inverse: InverseSecondMoment | None
                    ) -> VectorApplier:
     """A :class:`VectorApplier` over ``names`` on the gender prompt and its paraphrases."""
     return VectorApplier(lm, layer, [e.name for e in names], gender_labels(names), GENDER_TASKS,
@@ -72,7 +72,7 @@ def analyze_gender(
     lm: LoadedModel | None = None,
     heldout: Sequence[NameEntry] = (),
     context_templates: Sequence[str] = ("{}",),
-    inverse: SecondMomentInverse | None = None,
+    inverse: InverseSecondMoment | None = None,
     settings: AnalysisSettings | None = None,
     prompt: str = EDIT_PROMPT,
 ) -> dict:

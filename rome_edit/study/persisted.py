@@ -28,10 +28,10 @@ from rome_edit.analysis.concept_vector import ConceptVector
 from rome_edit.errors import ParameterError
 from rome_edit.forms.fitted_write import FitSettings, fit_vector_write, write_fitted
 from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, ManyForm, vector_targets, write_edits
-from rome_edit.forms.protect import Solver
 from rome_edit.forms.protected_keys import Protection, build_bank
 from rome_edit.models.loading import LoadedModel, load_model
 from rome_edit.models.subject import last_tokens
+from rome_edit.rome.solver import Solver
 from rome_edit.study.edited_model import ModelState, model_state
 from rome_edit.study.names import NameEntry, load_names
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT

@@ -10,8 +10,8 @@ from rome_edit.distributed import SINGLE, Workers
 from rome_edit.evaluation.sweep import run_sweep
 from rome_edit.forms.protected_keys import Protection
 from rome_edit.models.loading import LoadedModel
-from rome_edit.rome.compute import SecondMomentInverse
 from rome_edit.rome.hparams import ROMEHyperParams
+from rome_edit.stats.inverse import InverseSecondMoment
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import (
     CITY_FACT,
@@ -25,7 +25,7 @@ from rome_edit.study.task import (
 def run_gender_sweep(
     lm: LoadedModel, names: Sequence[NameEntry], hp: ROMEHyperParams,
     context_templates: Sequence[str], out_dir: str | Path,
-    inverse: SecondMomentInverse | None = None, batch_size: int = 64,
+    inverse: InverseSecondMoment | None = None, batch_size: int = 64,
     neighbour_names: Sequence[NameEntry] | None = None, prompt: str = EDIT_PROMPT,
     progress: bool = True, workers: Workers = SINGLE, fluency_per_batch: int = 2,
     protection: Protection | None = None, selection: dict | None = None,

@@ -1,13 +1,21 @@
 """Writing edits into a model: persistently, or inside a context that reverts bit-identically.
 
-Reverting keeps a copy of only the edited matrices (one ``d_model × d_mlp`` matrix per edited
-layer), never of the whole model, and restores them with ``copy_`` — so the weights after exit are
-the same bits as before entry, also when the body raises.
+This is the one module that writes an MLP output projection ``W_out`` (besides
+:mod:`rome_edit.weights.persist`, which saves a model): every edit form, vector write, revert and
+forensic undo goes through its primitives —
+
+* :func:`add_rank_one` / :func:`subtract_rank_one` (``W ← W ± Λ uᵀ``) and :func:`add_update`
+  (``W ← W + ΔW``), each computed in float32 and cast to the weight's dtype;
+* :func:`snapshot` / :func:`restore`, and :func:`preserved` built on them: a copy of only the
+  edited matrices (one ``d_model × d_mlp`` matrix per edited layer), never of the whole model,
+  restored with ``copy_`` — so the weights after exit are the same bits as before entry, also
+  when the body raises;
+* :func:`copy_layers`: a layer's ``W_out`` copied from another model (undoing every edit of it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -45,13 +53,57 @@ def check_record(lm: LoadedModel, record: EditRecord, strict_identity: bool = Tr
 
 
 @torch.no_grad()
+def _add_to_weight(lm: LoadedModel, layer: int, change: torch.Tensor, sign: int) -> None:
+    """``W ← W ± change`` for ``change`` in ``(d_model, d_mlp)`` orientation (float32
+    arithmetic, cast to the weight's dtype)."""
+    weight = out_proj_weight(lm.model, lm.arch, layer)
+    change = change.float().to(weight.device)
+    if lm.arch.out_proj_transposed:
+        change = change.T
+    updated = weight.float() + change if sign > 0 else weight.float() - change
+    weight.copy_(updated.to(weight.dtype))
+
+
+@torch.no_grad()
 def add_rank_one(lm: LoadedModel, layer: int, u: torch.Tensor, lam: torch.Tensor) -> None:
     """``W ← W + Λ uᵀ`` (computed in float32, cast to the weight's dtype)."""
-    weight = out_proj_weight(lm.model, lm.arch, layer)
-    outer = torch.outer(lam.float(), u.float()).to(weight.device)
-    if lm.arch.out_proj_transposed:
-        outer = outer.T
-    weight.copy_((weight.float() + outer).to(weight.dtype))
+    _add_to_weight(lm, layer, torch.outer(lam.float(), u.float()), +1)
+
+
+@torch.no_grad()
+def subtract_rank_one(lm: LoadedModel, layer: int, u: torch.Tensor, lam: torch.Tensor) -> None:
+    """``W ← W − Λ uᵀ`` (float32 arithmetic, like writing it): undoes :func:`add_rank_one` up
+    to one rounding of the sum (for the exact bits, :func:`restore` a :func:`snapshot`)."""
+    _add_to_weight(lm, layer, torch.outer(lam.float(), u.float()), -1)
+
+
+@torch.no_grad()
+def add_update(lm: LoadedModel, layer: int, delta_w: torch.Tensor) -> None:
+    """``W ← W + ΔW`` for a full update ``ΔW`` of shape ``(d_model, d_mlp)`` (any rank; e.g. the
+    batched many-edit solve), in float32, cast to the weight's dtype."""
+    _add_to_weight(lm, layer, delta_w, +1)
+
+
+def snapshot(lm: LoadedModel, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    """A copy of the given layers' output projections (what :func:`restore` writes back)."""
+    return {layer: out_proj_weight(lm.model, lm.arch, layer).detach().clone()
+            for layer in layers}
+
+
+@torch.no_grad()
+def restore(lm: LoadedModel, saved: Mapping[int, torch.Tensor]) -> None:
+    """Write a :func:`snapshot` back: the same bits as when it was taken."""
+    for layer, original in saved.items():
+        out_proj_weight(lm.model, lm.arch, layer).copy_(original)
+
+
+@torch.no_grad()
+def copy_layers(target: LoadedModel, source: LoadedModel, layers: Iterable[int]) -> None:
+    """Copy ``source``'s output projections of ``layers`` into ``target`` (bit-identical; e.g.
+    undoing every edit of an edited model from the original)."""
+    for layer in layers:
+        out_proj_weight(target.model, target.arch, layer).copy_(
+            out_proj_weight(source.model, source.arch, layer))
 
 
 def apply_records(lm: LoadedModel, records: Sequence[EditRecord],
@@ -77,14 +129,11 @@ def applied(lm: LoadedModel, records: Sequence[EditRecord],
 @contextmanager
 def preserved(lm: LoadedModel, layers: Sequence[int]) -> Iterator[LoadedModel]:
     """Restore the given layers' output projections on exit, whatever the block wrote."""
-    saved = {layer: out_proj_weight(lm.model, lm.arch, layer).detach().clone()
-             for layer in layers}
+    saved = snapshot(lm, layers)
     try:
         yield lm
     finally:
-        with torch.no_grad():
-            for layer, original in saved.items():
-                out_proj_weight(lm.model, lm.arch, layer).copy_(original)
+        restore(lm, saved)
 
 
 @contextmanager

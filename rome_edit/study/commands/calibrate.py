@@ -16,7 +16,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.calibration import CalibrationGrid, ChoiceRule, calibrate, write_report
-from rome_edit.calibration.grid import DEFAULT_BAND, DEFAULT_CLAMPS, DEFAULT_STEPS
+from rome_edit.calibration.frontier import form_label
+from rome_edit.calibration.grid import (
+    DEFAULT_BAND,
+    DEFAULT_CLAMPS,
+    DEFAULT_PROTECT_TOP,
+    DEFAULT_PROTECT_WEIGHTS,
+    DEFAULT_STEPS,
+    protections_for,
+)
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.models.subject import split_template
 from rome_edit.rome.context import load_context_templates
@@ -57,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="v_num_grad_steps values (default %(default)s)")
     p.add_argument("--loss-layers", type=int, nargs="+", default=[-1],
                    help="v_loss_layer values, negative from the end (default: -1, the last)")
+    p.add_argument("--protect-top", type=int, default=DEFAULT_PROTECT_TOP,
+                   help="protected updates are measured on this many of each layer's most "
+                        "effective plain candidates (default %(default)s; 0: plain ROME only)")
+    p.add_argument("--protect-weights", type=float, nargs="+",
+                   default=list(DEFAULT_PROTECT_WEIGHTS),
+                   help="soft-protection weights tried for other-names (default %(default)s; "
+                        "same-last-token is tried with auto, i.e. hard constraints)")
     p.add_argument("--min-specificity-random", type=float, default=0.99,
                    help="rule: random-name specificity floor (default %(default)s)")
     p.add_argument("--fluency-tolerance", type=float, default=0.05,
@@ -65,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hparams JSON whose other values the grid keeps (default: the preset, "
                         "or the no-preset defaults)")
     p.add_argument("--corpus", default=None,
-                   help="statistics corpus: bundled, sampled[:SEED], a folder or file, hf:NAME "
+                   help="statistics corpus: bundled, debian-handbook, sampled[:SEED], a folder or "
+                        "file, hf:NAME "
                         "(default: the base hparams' mom2_dataset)")
     p.add_argument("--context-templates", default=None,
                    help="JSON list of templates with '{}' (default: sampled from the model)")
@@ -129,7 +145,9 @@ def _checked(args: argparse.Namespace) -> tuple[CalibrationGrid, ChoiceRule, dic
         raise ValueError(f"--answers gives {female!r} twice; the two answers must differ.")
     grid = CalibrationGrid(band=args.band, clamps=tuple(args.clamps), steps=tuple(args.steps),
                            loss_layers=tuple(args.loss_layers),
-                           layers=tuple(args.layers) if args.layers else None)
+                           layers=tuple(args.layers) if args.layers else None,
+                           protections=protections_for(tuple(args.protect_weights)),
+                           protect_top=args.protect_top)
     rule = ChoiceRule(min_specificity_random=args.min_specificity_random,
                       fluency_tolerance=args.fluency_tolerance)
     return grid, rule, {"female": female, "male": male}
@@ -162,21 +180,24 @@ def run_calibrate(args: argparse.Namespace) -> int:
             f"{p['best_eligible_efficacy']:.3f}"
         effect = "–" if p["trace_mlp_effect"] is None else f"{p['trace_mlp_effect']:+.4f}"
         print(f"  layer {p['layer']}: {p['best_efficacy']:.3f} / {allowed} / {effect}")
-    form = result.base.update_form
-    print(f"update: every candidate edit was ROME's rank-one update, {form} form, no protection "
-          "(the default of edit/sweep, as in the paper; the written file keeps update_form "
-          f"{result.hparams.update_form})")
+    protected = sum(r.get("protect_source") is not None for r in result.rows)
+    print(f"update: {len(result.rows) - protected} candidates with ROME's plain rank-one update "
+          f"({result.base.update_form} form), {protected} with a protected update (the same "
+          "edits sparing other names' keys; --protect-top, --protect-weights)")
+    print(("" if result.choice.rule_met else "WARNING: ") + result.choice.tradeoff)
     c = result.chosen
-    if not result.choice.rule_met:
-        print("WARNING: no candidate met the rule; the most specific one was chosen.")
     print(f"chosen: layer {c['layer']}, clamp {c['clamp_norm_factor']:g}, steps "
-          f"{c['v_num_grad_steps']}, loss layer {c['v_loss_layer']}: efficacy "
-          f"{c['efficacy']:.3f}, paraphrase {_fmt(c.get('paraphrase'))}, specificity random "
-          f"{_fmt(c.get('specificity_random'))}, same last token "
+          f"{c['v_num_grad_steps']}, loss layer {c['v_loss_layer']}, update {form_label(c)}: "
+          f"efficacy {c['efficacy']:.3f}, paraphrase {_fmt(c.get('paraphrase'))}, specificity "
+          f"random {_fmt(c.get('specificity_random'))}, same last token "
           f"{_fmt(c.get('specificity_same_last_token'))}, city kept {_fmt(c.get('city_kept'))}, "
           f"fluency {_fmt(c['fluency_after'])} (unedited {_fmt(result.fluency_before)})")
+    if c.get("protect_source") is not None:
+        print(f"the protection is written into {paths['hparams']} (key \"protect\"); edit and "
+              "sweep use it unless --protect is given")
     print(f"{len(result.rows)} candidates in {result.seconds:.0f} s; wrote {paths['hparams']} "
-          f"and {report}/ (calibration.md, calibration.json, calibration_layers.png)")
+          f"and {report}/ (calibration.md, calibration.json, calibration_layers.png, "
+          "calibration_frontier.png)")
     return 0
 
 

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from rome_edit.cli.commands_edit import add_editing_args, setup_editor, update_line
-from rome_edit.cli.protect_args import protection_from_args
+from rome_edit.cli.protect_args import protect_label, protection_from_args
 from rome_edit.distributed import data_parallel
 from rome_edit.study.known import FEW_SHOT_PROMPT, known_names
 from rome_edit.study.names import load_names
@@ -74,9 +74,9 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         if args.limit is not None:
             names = names[: args.limit]
         if workers.is_main:
-            print(update_line(hp.update_form, args.update, args.protect), flush=True)
+            print(update_line(hp.update_form, args.update, protect_label(args, hp)), flush=True)
         protection = protection_from_args(args, lm, hp.layer, prompt,
-                                          [e.name for e in neighbours], templates)
+                                          [e.name for e in neighbours], templates, hp)
         summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
                                    neighbour_names=neighbours, prompt=prompt, workers=workers,
                                    protection=protection, selection=selection)
