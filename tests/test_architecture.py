@@ -75,7 +75,7 @@ def test_layers_import_only_downwards(layer):
 # study's own tests are listed here.
 TESTS = PACKAGE.parent / "tests"
 CLI_MAY_IMPORT_STUDY = {"main.py"}
-STUDY_TESTS = {"test_study_data.py", "test_persist_defaults.py", "test_demo.py"}
+STUDY_TESTS = {"test_study_data.py", "test_persist_defaults.py", "test_demo.py", "test_known.py"}
 
 
 def imports_study(path: Path) -> bool:
