@@ -19,7 +19,7 @@ from rome_edit._version import __version__
 # ``rome-edit --version`` answers without importing torch (a fraction of a second, not seconds).
 COMMAND_MODULES = ["commands_model", "commands_trace", "commands_stats", "commands_calibrate",
                    "commands_edit", "commands_analysis", "commands_forensics", "commands_lens",
-                   "commands_linearize"]
+                   "commands_linearize", "commands_eval"]
 
 VERSION = f"rome-edit {__version__}"
 
