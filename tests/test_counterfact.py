@@ -211,6 +211,13 @@ def test_edit_loop_on_the_toy_model_reverts_and_summarises(tmp_path):
                                  progress=False)  # computed together, applied alone: the same
     for one, two in zip(result.cases, batched.cases):
         assert two.post == pytest.approx(one.post, abs=1e-4)
+    zsre = [ZsreCase(0, "Brittany", "Name: {}. Gender:", "Male", ("Brittany said that",),
+                     "Name: Ani. Gender:", "Male")]
+    z = evaluate_benchmark(ed, "zsre", zsre, progress=False).summary
+    assert set(z["post"]) == {"efficacy_accuracy", "paraphrase_accuracy",
+                              "specificity_accuracy", "generated_efficacy",
+                              "generated_paraphrase"}
+    assert z["pre"]["efficacy_accuracy"] == 0.0 and z["post"]["efficacy_accuracy"] == 1.0
     result.write(tmp_path / "r.json", {"model": "toy"})
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["model"] == "toy" and len(saved["cases"]) == 2
