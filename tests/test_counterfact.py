@@ -21,6 +21,7 @@ from rome_edit.evaluation.counterfact_data import (
     read_dataset,
 )
 from rome_edit.evaluation.counterfact_metrics import (
+    greedy_batch,
     measure_counterfact,
     measure_zsre,
     starts_with_target,
@@ -132,6 +133,18 @@ def test_counterfact_metrics_match_a_hand_computation(tiny_gptj):
     assert got["generation_entropy"] == pytest.approx(ngram_entropy(texts))
     cont = generate(tiny_gptj.model, tiny_gptj.tokenizer, r, 3)
     assert got["generated_efficacy"] == float(starts_with_target(cont, new))
+
+
+@pytest.mark.parametrize("family", ["gptj", "llama"])
+def test_batched_greedy_generation_is_each_prompts_own(tokenizer, family):
+    """Left padding under the attention mask changes nothing: each row is what the prompt
+    generates alone (prompts of different lengths, so some rows are padded)."""
+    from conftest import make_tiny
+
+    lm = make_tiny(family, tokenizer)
+    prompts = ["Ani is a person who", "Name: Bob. City:", "The weather was cold and"]
+    alone = [generate(lm.model, lm.tokenizer, p, 6) for p in prompts]
+    assert greedy_batch(lm, prompts, 6) == alone
 
 
 def test_metric_definitions_on_chosen_probabilities(tiny_gptj, monkeypatch):

@@ -35,8 +35,8 @@ from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
 from rome_edit.weights.write import applied
 
-__all__ = ["BenchmarkResult", "CaseResult", "evaluate_benchmark", "format_table",
-           "harmonic_mean"]
+__all__ = ["BenchmarkResult", "CaseResult", "RequestEditor", "evaluate_benchmark",
+           "format_table", "harmonic_mean", "summarize_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ LABELS = {"efficacy_score": "ES  efficacy score", "efficacy_magnitude": "EM  eff
           "seconds": "    seconds per case", "edit_seconds": "    seconds per edit"}
 
 
-class Editor(Protocol):
+class RequestEditor(Protocol):
     """What the evaluation needs of an editor (:class:`rome_edit.Editor` is one): its model
     and the edits of requests against the current weights, nothing written."""
 
@@ -132,7 +132,7 @@ def summarize_cases(fmt: str, cases: Sequence[CaseResult]) -> dict[str, Any]:
     return summary
 
 
-def _measure(editor: Editor, case: CounterFactCase | ZsreCase, generation_tokens: int
+def _measure(editor: RequestEditor, case: CounterFactCase | ZsreCase, generation_tokens: int
              ) -> tuple[dict[str, float | None], tuple[str, ...]]:
     if isinstance(case, CounterFactCase):
         metrics, texts = measure_counterfact(editor.lm, case, generation_tokens)
@@ -140,9 +140,9 @@ def _measure(editor: Editor, case: CounterFactCase | ZsreCase, generation_tokens
     return measure_zsre(editor.lm, case), ()
 
 
-def evaluate_benchmark(editor: Editor, fmt: str, cases: Sequence[CounterFactCase | ZsreCase],
-                       generation_tokens: int = 50, batch_size: int = 1, progress: bool = True
-                       ) -> BenchmarkResult:
+def evaluate_benchmark(editor: RequestEditor, fmt: str,
+                       cases: Sequence[CounterFactCase | ZsreCase], generation_tokens: int = 50,
+                       batch_size: int = 1, progress: bool = True) -> BenchmarkResult:
     """Edit each case alone with ``editor`` (ROME; e.g. :class:`rome_edit.Editor`), measure
     before and with the edit, revert.
 

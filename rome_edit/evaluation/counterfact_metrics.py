@@ -34,10 +34,10 @@ from transformers import PreTrainedTokenizerBase
 from rome_edit.evaluation.counterfact_data import CounterFactCase, ZsreCase
 from rome_edit.evaluation.evaluate import ngram_entropy
 from rome_edit.models.loading import LoadedModel
-from rome_edit.models.scoring import generate, pad_id, right_pad, sequence_logprob
+from rome_edit.models.scoring import pad_id, right_pad, sequence_logprob
 
-__all__ = ["COUNTERFACT_METRICS", "ZSRE_METRICS", "measure_counterfact", "measure_zsre",
-           "starts_with_target", "token_hits"]
+__all__ = ["COUNTERFACT_METRICS", "ZSRE_METRICS", "greedy_batch", "measure_counterfact",
+           "measure_zsre", "starts_with_target", "token_hits"]
 
 COUNTERFACT_METRICS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score",
                        "paraphrase_magnitude", "neighborhood_score", "neighborhood_magnitude",
@@ -70,11 +70,26 @@ def starts_with_target(continuation: str, target: str) -> bool:
     return text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
 
 
+@torch.no_grad()
+def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of several prompts in one left-padded ``generate`` call (the
+    attention mask hides the padding; positions come from the mask), without the prompts."""
+    if not prompts:
+        return []
+    device = next(lm.model.parameters()).device
+    encoded = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width, pad = max(map(len, encoded)), pad_id(lm.tokenizer)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=pad)
+    return [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
 def _generated(lm: LoadedModel, prompts: Sequence[str], target: str) -> list[float]:
     # enough tokens for the target and the character after it (the whole-word check)
     n = len(lm.tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 1
-    return [float(starts_with_target(generate(lm.model, lm.tokenizer, p, n), target))
-            for p in prompts]
+    return [float(starts_with_target(c, target)) for c in greedy_batch(lm, prompts, n)]
 
 
 def measure_counterfact(lm: LoadedModel, case: CounterFactCase, generation_tokens: int = 50
@@ -98,11 +113,11 @@ def measure_counterfact(lm: LoadedModel, case: CounterFactCase, generation_token
         out[f"{name}_score"] = _mean([float(n > t) for n, t in zip(pn, pt)])
         if name != "attribute":
             out[f"{name}_magnitude"] = _mean([n - t for n, t in zip(pn, pt)])
-    texts = [p + generate(lm.model, lm.tokenizer, p, generation_tokens)
-             for p in case.generation_prompts]
+    texts = [p + c for p, c in zip(case.generation_prompts,
+                                   greedy_batch(lm, case.generation_prompts, generation_tokens))]
     out["generation_entropy"] = ngram_entropy(texts) if texts else None
-    out["generated_efficacy"] = _generated(lm, [case.rewrite_prompt], new)[0]
-    out["generated_paraphrase"] = _mean(_generated(lm, case.paraphrase_prompts, new))
+    hits = _generated(lm, [case.rewrite_prompt, *case.paraphrase_prompts], new)
+    out["generated_efficacy"], out["generated_paraphrase"] = hits[0], _mean(hits[1:])
     return {k: out[k] for k in COUNTERFACT_METRICS}, texts
 
 
@@ -130,9 +145,8 @@ def measure_zsre(lm: LoadedModel, case: ZsreCase) -> Metrics:
         [" " + case.loc_ans]
     hits = token_hits(lm.model, lm.tokenizer, prompts, answers)
     para = [h for row in hits[1:-1] for h in row]
+    gen = _generated(lm, [case.rewrite_prompt, *case.paraphrase_prompts], case.target_new)
     return {"efficacy_accuracy": _mean([float(h) for h in hits[0]]),
             "paraphrase_accuracy": _mean([float(h) for h in para]),
             "specificity_accuracy": _mean([float(h) for h in hits[-1]]),
-            "generated_efficacy": _generated(lm, [case.rewrite_prompt], case.target_new)[0],
-            "generated_paraphrase": _mean(_generated(lm, case.paraphrase_prompts,
-                                                     case.target_new))}
+            "generated_efficacy": gen[0], "generated_paraphrase": _mean(gen[1:])}
