@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rome_edit.cli.common import add_model_args, model_from_args
+from rome_edit.cli.commands_edit import add_run_args, setup_editor
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,20 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "faster, same results; default 1)")
     p.add_argument("--zsre-target", choices=["answers", "alt"], default="answers",
                    help="zsRE answer to write: answers[0] (ROME's choice) or MEND's alt")
-    add_model_args(p)
-    p.add_argument("--layer", type=int, default=None, help="edit layer (default: the hparams')")
-    p.add_argument("--hparams", default=None, help="reference-format hparams JSON")
-    p.add_argument("--context-templates", default=None,
-                   help="JSON list of templates with '{}' (default: sampled from the model)")
-    p.add_argument("--stats", default=None, help="second-moment file from 'rome-edit stats'")
-    p.add_argument("--corpus", default=None,
-                   help="corpus for statistics when --stats is not given (default: hparams)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
+    add_run_args(p)
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from rome_edit.api.editor import Editor
     from rome_edit.evaluation.counterfact import evaluate_benchmark, format_table
     from rome_edit.evaluation.counterfact_data import read_dataset
 
@@ -53,9 +44,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                 "it or choose another path.")
     fmt, cases = read_dataset(args.dataset, args.zsre_target)
     cases = cases[: args.limit]
-    ed = Editor.from_loaded(model_from_args(args), hparams=args.hparams, layer=args.layer,
-                            context_templates=args.context_templates, seed=args.seed,
-                            stats=args.stats, corpus=args.corpus)
+    ed = setup_editor(args)
     result = evaluate_benchmark(ed, fmt, cases, args.generation_tokens,
                                 args.batch_size)
     result.write(args.out, {"dataset": str(args.dataset), "model": ed.lm.name,

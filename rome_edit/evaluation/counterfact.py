@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from rome_edit.evaluation.counterfact_metrics import (
 from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
+from rome_edit.storage import atomic_write_text
 from rome_edit.weights.write import applied
 
 __all__ = ["BenchmarkResult", "CaseResult", "RequestEditor", "evaluate_benchmark",
@@ -94,19 +94,17 @@ class BenchmarkResult:
     def write(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """JSON with ``extra`` (model, hyperparameters, …) first; written to a temporary file
         and renamed, so an interrupted run leaves no partial file."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({**(extra or {}), **self.to_dict()}, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({**(extra or {}), **self.to_dict()}, indent=1) + "\n")
 
 
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
     """Harmonic mean (0 when any value is 0); ``None`` when a value is missing."""
-    if not values or any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if not values or len(present) < len(values):
         return None
-    if any(v == 0 for v in values):
+    if any(v == 0 for v in present):
         return 0.0
-    return len(values) / sum(1 / v for v in values)  # type: ignore[operator]
+    return len(present) / sum(1 / v for v in present)
 
 
 def _means(rows: Sequence[dict[str, float | None]], keys: Sequence[str]

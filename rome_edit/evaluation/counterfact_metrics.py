@@ -81,9 +81,10 @@ def greedy_batch(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -
     width, pad = max(map(len, encoded)), pad_id(lm.tokenizer)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-    out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=pad)
-    return [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    out = lm.model.generate(  # type: ignore[operator]  # nn.Module attribute typing
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=pad)
+    return [str(lm.tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out]
 
 
 def _generated(lm: LoadedModel, prompts: Sequence[str], target: str) -> list[float]:
