@@ -32,7 +32,9 @@ given to rome-edit as its float64 factorisation and to EasyEdit as ``C⁻¹`` (f
 to float32) in its inverse-covariance cache.  rome-edit's sides use ``update_form="rome-reference"``
 (the reference's ``u``, ``Λ``), so all three produce the same rank-one update.
 
-Sides alternate for ``--rounds`` rounds, order reversed each round; reported: median seconds per
+Each side first edits one request with one step, untimed (one-time costs such as the allocator's
+growth and lazy imports would otherwise fall on whichever side runs first).  Sides then alternate
+for ``--rounds`` rounds, order reversed each round; reported: median seconds per
 edit per side and their ratios, the largest relative differences of δ (EasyEdit's δ is recovered
 from its update as ``Λ·(k(s)·u)``), ``u`` and ``Λ`` between sides, and the exact-arithmetic bound
 of batched over simple for this shape (:func:`step_bound`).
@@ -48,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -222,15 +225,18 @@ def main() -> None:
         weight_name = f"{lm.arch.out_proj.format(hp.layer)}.weight"
         weight_before = lm.model.get_parameter(weight_name).detach().clone()
 
-    def run(side: str):
+    def run(side: str, steps: int, todo: list) -> list:
         if side == "batched":
-            return compute_edits(lm, requests, hp, templates, inverse, engine="batched",
-                                 chunk_size=len(requests), progress=False, early_stop_loss=0.0)
+            return compute_edits(lm, todo, replace(hp, v_num_grad_steps=steps), templates,
+                                 inverse, engine="batched", chunk_size=len(todo),
+                                 progress=False, early_stop_loss=0.0)
         if side == "simple":
-            return [compute_edits(lm, [r], hp, templates, inverse, engine="simple",
-                                  progress=False, early_stop_loss=0.0)[0] for r in slow]
+            return [compute_edits(lm, [r], replace(hp, v_num_grad_steps=steps), templates,
+                                  inverse, engine="simple", progress=False,
+                                  early_stop_loss=0.0)[0] for r in todo]
         out = []
-        for r in slow:  # EasyEdit prepends the space to target_new itself
+        ee_hp.v_num_grad_steps = steps
+        for r in todo:  # EasyEdit prepends the space to target_new itself
             req = {"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new.strip()}
             with contextlib.redirect_stdout(io.StringIO()):
                 deltas = rome_main.execute_rome(lm.model, lm.tokenizer, req, ee_hp)
@@ -238,12 +244,14 @@ def main() -> None:
             out.append((u.detach().float(), lam.detach().float()))
         return out
 
+    for side in sides:  # untimed: one-time costs (allocator, lazy imports) fall on no side
+        run(side, 1, requests[:1])
     seconds: dict[str, list[float]] = {s: [] for s in sides}
     records = {}
     for round_ in range(args.rounds):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
             t0 = time.perf_counter()
-            records[side] = run(side)
+            records[side] = run(side, args.steps, requests if side == "batched" else slow)
             seconds[side].append((time.perf_counter() - t0) / len(records[side]))
             print(f"  round {round_ + 1} {side}: {seconds[side][-1]:.2f} s/edit", flush=True)
     per_edit = {s: statistics.median(v) for s, v in seconds.items()}
