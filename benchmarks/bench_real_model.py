@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from rome_edit.assembly.session import context_templates_for, inverse_for
+from rome_edit import Editor
 from rome_edit.models.loading import load_model
 from rome_edit.rome.compute import compute_edits
 from rome_edit.rome.hparams import ROMEHyperParams
@@ -194,12 +194,13 @@ def main() -> None:
     hp = ROMEHyperParams(layers=(args.layer,), v_loss_layer=lm.n_layers - 1,
                          v_num_grad_steps=args.steps, mom2_dataset=str(corpus),
                          mom2_n_samples=100_000, update_form="rome-reference")
-    templates = context_templates_for(lm, hp)
+    ed = Editor.from_loaded(lm, hparams=hp, corpus=str(corpus), progress=False,
+                            cache_dir=args.cache_dir / "stats")
+    templates = ed.context_templates
     if any("{{" in t or "}}" in t for t in templates):
         raise RuntimeError("a sampled context template holds a brace, which EasyEdit's "
                            "template handling drops; sample with another seed.")
-    inverse = inverse_for(lm, hp, corpus=str(corpus), cache_dir=args.cache_dir / "stats",
-                          progress=False)
+    inverse = ed.inverse
     requests = gender_requests(balanced_names(load_names(split="edit"), args.n))
     slow = requests[: args.n_slow]
     sides = ("batched", "simple") + (("easyedit",) if ee else ())
