@@ -166,6 +166,11 @@ CASES: dict[str, tuple[list[str], str, str]] = {
     "sweep-store-corrupt": (["sweep", "--limit", "2", "--hparams", "{d}/hp.json",
                              "--context-templates", "{d}/ctx.json", "--out", "{d}/corrupt"],
                             "shard 00000 of .* is unreadable", "delete both files of shard"),
+    "eval-dataset-empty": (["eval", "--dataset", "{d}/cf-empty.json", "--out", "{d}/out"],
+                           "holds no cases", "give a non-empty JSON list"),
+    "eval-case-missing-key": (["eval", "--dataset", "{d}/cf-missing.json", "--out", "{d}/out"],
+                              r"case 0 \(case_id 5\): missing \['requested_rewrite'\]"
+                              r"\['target_true'\]", "add it"),
 }
 
 # cases that need the environment changed while they run
@@ -200,6 +205,9 @@ def files(tmp_path_factory, tokenizer):
     (d / "gap.csv").write_text("name,gender\nAnna,female\n\nBob,male\n")
     (d / "label.csv").write_text("name,gender\nAnna,feminine\n")
     (d / "few.csv").write_text("name,gender\nAnna,female\nBob,male\n")
+    (d / "cf-empty.json").write_text("[]")
+    (d / "cf-missing.json").write_text(json.dumps([{"case_id": 5, "requested_rewrite": {
+        "prompt": "{} lives in", "subject": "Anna", "target_new": {"str": "Paris"}}}]))
     (d / "latin1.csv").write_bytes("name,gender\nRené,male\n".encode("latin-1"))
     (d / "hp.json").write_text(json.dumps({"layers": [1], "v_loss_layer": 5,
                                            "v_num_grad_steps": 2, "mom2_adjustment": False}))

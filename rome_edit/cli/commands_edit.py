@@ -29,8 +29,16 @@ from rome_edit.weights.write import applied
 
 
 def add_editing_args(p: argparse.ArgumentParser, protect_pool: str | None = None) -> None:
-    """Model, hparams, statistics, update and ``--protect`` arguments (``protect_pool``: what
-    ``--protect other-names`` protects without ``--protect-names``, for the help)."""
+    """Model, hparams, statistics, update and ``--protect`` arguments and ``--out DIR``
+    (``protect_pool``: what ``--protect other-names`` protects without ``--protect-names``, for
+    the help)."""
+    add_run_args(p)
+    add_protect_args(p, protect_pool)
+    p.add_argument("--out", required=True, type=Path)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """What :func:`setup_editor` reads: model, layer, hparams, templates, statistics, update."""
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None,
                    help="edit layer (default: the hparams' layer; the bundled preset uses the "
@@ -44,8 +52,6 @@ def add_editing_args(p: argparse.ArgumentParser, protect_pool: str | None = None
     p.add_argument("--update", choices=["paper", "rome-reference"], default=None,
                    help="update form (default: the hparams' update_form, 'paper')")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling context templates")
-    add_protect_args(p, protect_pool)
-    p.add_argument("--out", required=True, type=Path)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

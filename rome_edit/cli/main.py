@@ -22,7 +22,7 @@ from rome_edit.cli.flags import error_line
 # text. They are imported when the parser is built, not with this module, so that
 # ``rome-edit --version`` answers without importing torch (a fraction of a second, not seconds).
 COMMAND_MODULES = ["commands_model", "commands_trace", "commands_stats", "commands_edit",
-                   "commands_forensics", "commands_lens", "commands_linearize"]
+                   "commands_forensics", "commands_lens", "commands_linearize", "commands_eval"]
 
 VERSION = f"rome-edit {__version__}"
 
