@@ -4,7 +4,7 @@ Library messages speak to a Python caller: they name the keyword argument, hyper
 function that fixes the problem (``Editor.load(stats=…)``, ``mom2_ridge``,
 ``rome_edit.stats.cached_second_moment``).  The same names travel in ``parameters``, so the
 command line can add its own spelling (``--stats FILE``) without parsing the message:
-``rome_edit.cli.common.error_line`` holds that table.
+``rome_edit.cli.flags`` holds that table (``FLAGS``, ``error_line``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ name when the argmax between the two answers is its own gender.
 
 Whether the *edit* prompt carries the prefix too is a separate choice (``rome-edit sweep
 --prompt``): the subject's key is read at its last token, and the prefix changes what the
-layers before the edit layer see there (docs/real-model.md measures both).
+layers before the edit layer see there.  The study edits on the few-shot prompt so that the
+filter, the edit and the held-out test ask the same question; the two prompts' edits have not
+been compared yet (docs/real-model.md).
 """
 
 from __future__ import annotations
