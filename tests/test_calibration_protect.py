@@ -4,6 +4,7 @@ nothing meets the rule, and the chosen protection travelling through the hparams
 import json
 
 import pytest
+from test_calibration import row  # one measured-row builder for both files
 
 from rome_edit.calibration import CalibrationGrid, ChoiceRule, choose
 from rome_edit.calibration.choose import pareto_front
@@ -15,14 +16,6 @@ from rome_edit.rome.hparams import ROMEHyperParams
 SOFT = ProtectRecipe("other-names", "soft", 0.1)
 NAMES = [("Brittany", "female"), ("David", "male"), ("Margaret", "female"), ("Robert", "male"),
          ("Anna", "female"), ("Peter", "male")]
-
-
-def row(layer=1, clamp=4.0, steps=20, eff=0.5, rand=1.0, same=1.0, para=0.5, spec=1.0,
-        city=1.0, fb=3.0, fa=3.0):
-    return {"layer": layer, "clamp_norm_factor": clamp, "v_num_grad_steps": steps,
-            "v_loss_layer": 5, "efficacy": eff, "specificity_random": rand,
-            "specificity_same_last_token": same, "paraphrase": para, "specificity": spec,
-            "city_kept": city, "fluency_before": fb, "fluency_after": fa}
 
 
 def prow(eff, rand, source="other-names", weight=0.1, **kw):
