@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--mlp-width", type=int, default=None,
+                        help="MLP hidden width, i.e. ROME's key width (default 4 × --width)")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--docs-per-name", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=250)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     stream = torch.cat([stream, torch.full((args.seq + 1,), tokenizer.eos_token_id)])
     config = GPTJConfig(
         vocab_size=len(tokenizer), n_positions=256, n_embd=args.width, n_layer=args.layers,
-        n_head=args.heads, rotary_dim=min(32, args.width // args.heads), n_inner=4 * args.width,
+        n_head=args.heads, rotary_dim=min(32, args.width // args.heads),
+        n_inner=args.mlp_width or 4 * args.width,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )

@@ -321,3 +321,28 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert accuracy >= 0.75
     assert (tmp_path / "runs" / "gender" / "deltas.safetensors").is_file()
     assert out.count("\n") >= 3  # the two completions and the accuracy
+
+
+def test_from_sweep_keeps_the_sweeps_settings_or_takes_another_corpus(tiny_gptj, tmp_path,
+                                                                       monkeypatch):
+    """``Editor.from_sweep`` rebuilds the sweep's editor (hparams, templates, the same ``C``);
+    with ``corpus=`` only the statistics change."""
+    monkeypatch.setenv("ROME_EDIT_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "tiny"
+    tiny_gptj.model.save_pretrained(model)
+    tiny_gptj.tokenizer.save_pretrained(model)
+    for name, words in (("a.txt", "cats sleep in the sun"), ("b.txt", "ships sail far away")):
+        (tmp_path / name).write_text("".join(f"Line {i}: {words} {i}.\n" for i in range(30)))
+    hp = replace(tiny_editor(tiny_gptj).hparams, v_num_grad_steps=2, mom2_adjustment=True,
+                 mom2_dataset=str(tmp_path / "a.txt"), mom2_n_samples=30)
+    ed = Editor.load(model, hparams=hp, context_templates=CTX, progress=False)
+    ed.sweep([EditRequest("Brittany", PROMPT, " Male", " Female")], tmp_path / "sweep")
+    keys = torch.randn(3, tiny_gptj.model.config.n_inner or 4 * tiny_gptj.model.config.n_embd,
+                       generator=torch.Generator().manual_seed(0))
+    again = Editor.from_sweep(tmp_path / "sweep", model, progress=False)
+    assert again.hparams == ed.hparams and again.context_templates == ed.context_templates
+    torch.testing.assert_close(again.inverse.solve(keys), ed.inverse.solve(keys))
+    other = Editor.from_sweep(tmp_path / "sweep", model, progress=False,
+                              corpus=str(tmp_path / "b.txt"))
+    assert other.hparams == ed.hparams and other.context_templates == ed.context_templates
+    assert not torch.allclose(other.inverse.solve(keys), ed.inverse.solve(keys), rtol=1e-3)

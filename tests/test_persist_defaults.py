@@ -164,3 +164,31 @@ def test_fitted_persist_without_protection_is_refused(tiny_gptj, tmp_path):
                        form="fitted")
     assert not (tmp_path / "never").exists()
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_apply_persist_reads_keys_and_counts_flips_on_the_given_prompt(setup, capsys):
+    """``--prompt`` is where keys are read and the fresh load is scored; ``--known-only`` keeps
+    exactly the names the model gets right on it (checked against ``known_names`` directly)."""
+    from rome_edit.models.loading import load_model
+    from rome_edit.study.known import known_names
+    from rome_edit.study.names import load_names
+
+    tmp_path, common, names, _ = setup
+    prompt = "Person: {}. Sex:"
+    lm = load_model(tmp_path / "tiny")
+    right = [e.name for e in known_names(lm, load_names(names), prompt).names]
+    out = tmp_path / "prompted"
+    code = main(["apply", *common, "--many-form", "sequential", "--prompt", prompt,
+                 "--known-only", "--out", str(out)])
+    printed = capsys.readouterr()
+    if not right:  # the random tiny model knows none: refused, nothing written
+        assert code == 2 and "drop --known-only" in printed.err and not out.exists()
+        return
+    assert code == 0, printed.err
+    assert f"known-only: {len(right)} of {len(EDITED)} names right" in printed.out
+    meta, _ = load_persisted(out)
+    assert meta["prompt"] == prompt and [e["subject"] for e in meta["edits"]] == right
+    assert json.loads((out / "apply.json").read_text())["fresh_load"]["prompt"] == prompt
+    # a prompt without a place for the name is refused before anything is written
+    assert main(["apply", *common, "--prompt", "no slot", "--out", str(tmp_path / "bad")]) == 2
+    assert "exactly one '{}'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -175,10 +175,12 @@ class Editor(Session):
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, model: str | Path | None = None, *,
-                   progress: bool = True, **load_options: Any) -> Editor:
+                   progress: bool = True, corpus: str | TextCorpus | None = None,
+                   **load_options: Any) -> Editor:
         """An editor with exactly a sweep's settings (``sweep.json``: hyperparameters, context
         templates, the statistics file when it still exists), on ``model`` (default: the
-        bundled one) — refused unless that is the model the sweep was recorded on."""
+        bundled one) — refused unless that is the model the sweep was recorded on.
+        ``corpus`` estimates ``C`` on other text instead (e.g. ``"debian-handbook"``)."""
         manifest_path = Path(sweep_dir) / "sweep.json"
         if not manifest_path.is_file():
             raise MissingFileError(f"{manifest_path} does not exist; pass a sweep directory "
@@ -186,9 +188,11 @@ class Editor(Session):
         manifest = json.loads(manifest_path.read_text())
         hp = ROMEHyperParams.from_dict(manifest["hparams"])
         stats = (manifest.get("stats") or {}).get("path")
+        if corpus is not None:
+            stats = None
         editor = cls.load(model, hparams=hp, context_templates=manifest["context_templates"],
                           stats=stats if stats and Path(stats).is_file() else None,
-                          progress=progress, **load_options)
+                          corpus=corpus, progress=progress, **load_options)
         check_same_model(editor.lm, manifest["model_identity"], f"the sweep {sweep_dir}",
                          "pass model= for the model the sweep was recorded on.")
         return editor

@@ -4,7 +4,8 @@ Where :func:`rome_edit.evaluation.evaluate.evaluate_edits` scores each edit as i
 this scores one final model (N edits written together, or a saved checkpoint loaded fresh):
 
 * ``efficacy`` — success rate over the edited names: the target gender's answer beats the other
-  on ``Name: {}. Gender:``;
+  on the state's prompt (``Name: {}. Gender:`` unless another was given, e.g. the few-shot
+  prompt of :mod:`rome_edit.study.known`);
 * ``paraphrase`` — the same over the pronoun and record paraphrases;
 * ``specificity`` — over the names *not* edited: the predicted gender is unchanged; split into
   ``specificity_same_last_token`` (unedited names whose last token is some edited name's last
@@ -44,6 +45,7 @@ class ModelState:
     paraphrase_gender: tuple[tuple[str, ...], ...]  # per paraphrase, per name
     city: tuple[int, ...]
     generations: tuple[str, ...]
+    prompt: str = EDIT_PROMPT  # the gender question asked (paraphrases are fixed)
 
 
 def _genders(lm: LoadedModel, template: str, answers: Mapping[str, str],
@@ -54,17 +56,19 @@ def _genders(lm: LoadedModel, template: str, answers: Mapping[str, str],
 
 
 @torch.no_grad()
-def model_state(lm: LoadedModel, names: Sequence[str], generate_for: Sequence[str] = ()
-                ) -> ModelState:
+def model_state(lm: LoadedModel, names: Sequence[str], generate_for: Sequence[str] = (),
+                prompt: str = EDIT_PROMPT) -> ModelState:
+    """What ``lm`` answers for ``names``: gender on ``prompt`` and on the paraphrases, city,
+    and greedy generations of ``prompt`` for ``generate_for``."""
     firsts = torch.tensor(sorted({lm.tokenizer(" " + c, add_special_tokens=False)["input_ids"][0]
                                   for c in CITIES}))
     lp = next_token_logprobs(lm.model, lm.tokenizer, [fill(CITY_PROMPT, n) for n in names])
     city = firsts[lp[:, firsts].argmax(-1)].tolist()
-    gens = tuple(fill(EDIT_PROMPT, n) + generate(lm.model, lm.tokenizer, fill(EDIT_PROMPT, n),
-                                                 FLUENCY_TOKENS) for n in generate_for)
-    return ModelState(tuple(names), _genders(lm, EDIT_PROMPT, ANSWERS, names),
+    gens = tuple(fill(prompt, n) + generate(lm.model, lm.tokenizer, fill(prompt, n),
+                                            FLUENCY_TOKENS) for n in generate_for)
+    return ModelState(tuple(names), _genders(lm, prompt, ANSWERS, names),
                       tuple(_genders(lm, p, a, names) for p, a in PARAPHRASES), tuple(city),
-                      gens)
+                      gens, prompt)
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,15 @@ def score_model(lm: LoadedModel, before: ModelState, after: ModelState,
     ``"male"``; for a vector that must keep some names, their own gender)."""
     if before.names != after.names:
         raise ValueError("the two states cover different names; compute both on one list.")
+    if before.prompt != after.prompt:
+        raise ValueError("the two states asked different prompts; compute both with one.")
     missing = sorted(set(targets) - set(before.names))
     if missing:
         raise ValueError(f"edited names {missing[:5]} are not among the scored names.")
     index = {n: i for i, n in enumerate(before.names)}
     edited = [index[n] for n in targets]
     rest = [i for i in range(len(before.names)) if before.names[i] not in targets]
-    spans = locate_subjects(lm.tokenizer, [EDIT_PROMPT] * len(before.names), list(before.names))
+    spans = locate_subjects(lm.tokenizer, [before.prompt] * len(before.names), list(before.names))
     last = [sp.input_ids[sp.last] for sp in spans]
     edited_last = {last[i] for i in edited}
     kept = {i: after.gender[i] == before.gender[i] for i in rest}

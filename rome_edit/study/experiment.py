@@ -51,11 +51,11 @@ def heldout_set(names: Sequence[NameEntry], prompt: str = EDIT_PROMPT) -> HeldOu
 
 
 def gender_applier(lm: LoadedModel, layer: int, names: Sequence[NameEntry],
-                   context_templates: Sequence[str], inverse: InverseSecondMoment | None
-                   ) -> VectorApplier:
-    """A :class:`VectorApplier` over ``names`` on the gender prompt and its paraphrases."""
-    return VectorApplier(lm, layer, [e.name for e in names], gender_labels(names), GENDER_TASKS,
-                         context_templates, inverse)
+                   context_templates: Sequence[str], inverse: InverseSecondMoment | None,
+                   prompt: str = EDIT_PROMPT) -> VectorApplier:
+    """A :class:`VectorApplier` over ``names`` on the gender ``prompt`` and its paraphrases."""
+    return VectorApplier(lm, layer, [e.name for e in names], gender_labels(names),
+                         gender_tasks(prompt), context_templates, inverse)
 
 
 def completions(lm: LoadedModel, applier: VectorApplier, vector: torch.Tensor,

@@ -205,7 +205,7 @@ def score_persisted(directory: str | Path, before: ModelState, edited: Sequence[
     """Load the checkpoint fresh and score it: flips/keeps over ``edited`` for a ``+g``
     (``sign`` 1) or ``−g`` model, and the other names' gender kept."""
     fresh = load_model(directory, attn_implementation=attn_implementation)
-    after = model_state(fresh, before.names)
+    after = model_state(fresh, before.names, prompt=before.prompt)
     index = {n: i for i, n in enumerate(before.names)}
     edited_names = {e.name for e in edited}
     moved_to = "male" if sign > 0 else "female"
@@ -216,7 +216,7 @@ def score_persisted(directory: str | Path, before: ModelState, edited: Sequence[
 
     flip = [after.gender[index[e.name]] == moved_to for e in edited if e.gender == flip_from]
     keep = [after.gender[index[e.name]] == moved_to for e in edited if e.gender == moved_to]
-    last = last_tokens(fresh.tokenizer, EDIT_PROMPT, before.names)
+    last = last_tokens(fresh.tokenizer, before.prompt, before.names)
     edited_last = {last[n] for n in edited_names}
     kept = {n: after.gender[i] == before.gender[i] for n, i in index.items()
             if n not in edited_names}
@@ -229,5 +229,5 @@ def score_persisted(directory: str | Path, before: ModelState, edited: Sequence[
             "others_kept_random": rate([v for n, v in kept.items()
                                         if last[n] not in edited_last]),
             "n_flip": len(flip), "n_keep": len(keep),
-            "n_others": len(others), "loaded_from": str(directory),
+            "n_others": len(others), "prompt": before.prompt, "loaded_from": str(directory),
             "model_identity": fresh.identity}

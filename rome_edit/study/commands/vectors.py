@@ -15,12 +15,14 @@ from rome_edit.cli.protect_args import add_protect_args, protection_from_args
 from rome_edit.evaluation.vectors import VectorApplier
 from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, MANY_FORMS, write_edits
 from rome_edit.models.identity import check_same_model
+from rome_edit.study.commands.sweep import prompt_template
 from rome_edit.study.demo import run_demo
 from rome_edit.study.edited_model import model_state
 from rome_edit.study.experiment import (
     analyze_gender,
     completions,
     gender_applier,
+    gender_tasks,
     in_gender_terms,
 )
 from rome_edit.study.known import known_names
@@ -32,7 +34,7 @@ from rome_edit.study.persisted import (
     score_persisted,
     without_pool,
 )
-from rome_edit.study.task import EDIT_PROMPT, GENDER_TASKS, gender_labels
+from rome_edit.study.task import EDIT_PROMPT, gender_labels
 from rome_edit.weights.persist import load_targets, save_edited
 
 POOL = "the bundled names; 'apply --persist' of a vector protects other-names by default"
@@ -71,6 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="multiply the stored vector (default: the best scale 'analyze' "
                          "documented beside it in analysis.json, else 1)")
     ap.add_argument("--sign", type=int, choices=[1, -1], default=1)
+    ap.add_argument("--prompt", default=EDIT_PROMPT,
+                    help="gender prompt with '{}' for the name, where keys are read, the write "
+                         "is fitted and flips are counted (default: 'Name: {}. Gender:'; "
+                         "'few-shot' for the known-only filter's prompt, as the SmolLM2 sweep "
+                         "used)")
+    ap.add_argument("--known-only", action="store_true",
+                    help="apply to the names the model gets right on --prompt only")
     ap.add_argument("--mode", choices=["weights", "activations"], default="weights")
     ap.add_argument("--layer", type=int, default=None, help="default: the vector's layer")
     ap.add_argument("--persist", action="store_true",
@@ -176,6 +185,14 @@ def run_apply(args: argparse.Namespace) -> int:
                      "pass --model for the model the vector came from.")
     layer = args.layer if args.layer is not None else gv.layer
     names = load_names(args.names) if args.names else load_names(split="heldout")
+    prompt = prompt_template(args.prompt)
+    if args.known_only:
+        known = known_names(lm, names, prompt)
+        names = list(known.names)
+        print(f"known-only: {len(names)} of {known.n_tested} names right on {prompt!r}")
+        if not names:
+            raise ValueError("the model gets none of these names right on the prompt; drop "
+                             "--known-only.")
     scale, why = ((args.scale, "--scale") if args.scale is not None
                   else default_scale(args.vector, gv))
     print(f"scale {scale:.4g} ({why})")
@@ -183,7 +200,7 @@ def run_apply(args: argparse.Namespace) -> int:
     templates, inverse, solver = ed.context_templates, ed.inverse, ed.solver
     if choice is not None:
         args.protect = choice.protect or "none"
-    protection = protection_from_args(args, lm, layer, EDIT_PROMPT,
+    protection = protection_from_args(args, lm, layer, prompt,
                                       [e.name for e in load_names()], templates)
     vector = gv.vector.float() * scale * args.sign
     if choice is not None:
@@ -192,16 +209,16 @@ def run_apply(args: argparse.Namespace) -> int:
             choice, protection = without_pool(choice), None
         print(choice.line())
         return _persist_vector(lm, args, names, vector, layer, templates, solver, protection,
-                               scale, choice.form)
+                               scale, choice.form, prompt)
     if protection is None:
-        applier = gender_applier(lm, layer, names, templates, inverse)
+        applier = gender_applier(lm, layer, names, templates, inverse, prompt)
     else:
         applier = VectorApplier(lm, layer, [e.name for e in names], gender_labels(names),
-                                GENDER_TASKS, templates, inverse, "paper", protection)
+                                gender_tasks(prompt), templates, inverse, "paper", protection)
     table = in_gender_terms(applier.flip_table(vector, args.mode).to_dict())
     rows = applier.predict_b(vector, args.mode)[:, 0].tolist()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"vector": str(args.vector), "scale": scale, "sign": args.sign,
+    result = {"vector": str(args.vector), "scale": scale, "sign": args.sign, "prompt": prompt,
               "mode": args.mode, "layer": layer, "table": table,
               "protection": None if protection is None else protection.manifest(),
               "predictions": [{"name": e.name, "gender": e.gender,
@@ -218,13 +235,13 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def _persist_vector(lm, args, names, vector, layer, templates, solver, protection, scale,
-                    form: str) -> int:
+                    form: str, prompt: str) -> int:
     everyone = load_names()
     pool = list(dict.fromkeys([e.name for e in everyone] + [e.name for e in names]))
-    before = model_state(lm, pool)
+    before = model_state(lm, pool, prompt=prompt)
     described = {"vector": str(args.vector), "scale": scale, "sign": args.sign}
     persist_vector(lm, [e.name for e in names], vector, layer, templates, args.out, solver,
-                   form, protection, args.mom2_weight, described, sign=args.sign)
+                   form, protection, args.mom2_weight, described, prompt=prompt, sign=args.sign)
     score = score_persisted(args.out, before, names, args.sign, args.attn_implementation)
     (args.out / "apply.json").write_text(json.dumps({**described, "fresh_load": score},
                                                     indent=1) + "\n")
