@@ -174,6 +174,9 @@ def test_apply_persist_reads_keys_and_counts_flips_on_the_given_prompt(setup, ca
     from rome_edit.study.names import load_names
 
     tmp_path, common, names, _ = setup
+    # a prompt without a place for the name is refused before the model loads
+    assert main(["apply", *common, "--prompt", "no slot", "--out", str(tmp_path / "bad")]) == 2
+    assert "exactly one '{}'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     prompt = "Person: {}. Sex:"
     lm = load_model(tmp_path / "tiny")
     right = [e.name for e in known_names(lm, load_names(names), prompt).names]
@@ -189,6 +192,3 @@ def test_apply_persist_reads_keys_and_counts_flips_on_the_given_prompt(setup, ca
     meta, _ = load_persisted(out)
     assert meta["prompt"] == prompt and [e["subject"] for e in meta["edits"]] == right
     assert json.loads((out / "apply.json").read_text())["fresh_load"]["prompt"] == prompt
-    # a prompt without a place for the name is refused before anything is written
-    assert main(["apply", *common, "--prompt", "no slot", "--out", str(tmp_path / "bad")]) == 2
-    assert "exactly one '{}'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

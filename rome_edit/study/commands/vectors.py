@@ -172,6 +172,7 @@ def run_apply(args: argparse.Namespace) -> int:
     if args.persist and args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} is not empty; give a new --out directory for the "
                          "checkpoint.")
+    prompt = prompt_template(args.prompt)
     choice = None
     if args.persist:  # refused before the model loads where the flags contradict
         choice = choose_persist_form(args.many_form, args.protect, args.records is not None)
@@ -185,7 +186,6 @@ def run_apply(args: argparse.Namespace) -> int:
                      "pass --model for the model the vector came from.")
     layer = args.layer if args.layer is not None else gv.layer
     names = load_names(args.names) if args.names else load_names(split="heldout")
-    prompt = prompt_template(args.prompt)
     if args.known_only:
         known = known_names(lm, names, prompt)
         names = list(known.names)
