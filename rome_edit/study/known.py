@@ -27,7 +27,7 @@ from rome_edit.models.subject import fill
 from rome_edit.study.names import NameEntry
 from rome_edit.study.task import ANSWERS, EDIT_PROMPT
 
-__all__ = ["FEW_SHOT_PREFIX", "FEW_SHOT_PROMPT", "KnownNames", "known_names"]
+__all__ = ["FEW_SHOT_PREFIX", "FEW_SHOT_PROMPT", "KnownNames", "known_names", "prompt_template"]
 
 # Two examples, one per answer, so the model is told the task and both answers; the names are
 # the commonest of each gender (they are excluded from the filtered names: on them the prefix
@@ -35,6 +35,16 @@ __all__ = ["FEW_SHOT_PREFIX", "FEW_SHOT_PROMPT", "KnownNames", "known_names"]
 FEW_SHOT_PREFIX = "Name: John. Gender: Male\nName: Mary. Gender: Female\n"
 FEW_SHOT_PROMPT = FEW_SHOT_PREFIX + EDIT_PROMPT
 _PREFIX_NAMES = frozenset({"John", "Mary"})
+
+
+def prompt_template(text: str) -> str:
+    """A gender prompt as given to ``sweep``/``apply``: a template with one '{}', or
+    ``few-shot`` for :data:`FEW_SHOT_PROMPT`."""
+    template = FEW_SHOT_PROMPT if text == "few-shot" else text
+    if template.count("{}") != 1:
+        raise ValueError(f"prompt {text!r} needs exactly one '{{}}' where the name goes "
+                         "(or give 'few-shot').")
+    return template
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import json
 from rome_edit.cli.commands_edit import add_editing_args, setup_editor, update_line
 from rome_edit.cli.protect_args import protect_label, protection_from_args
 from rome_edit.distributed import data_parallel
-from rome_edit.study.known import FEW_SHOT_PROMPT, known_names
+from rome_edit.study.known import FEW_SHOT_PROMPT, known_names, prompt_template
 from rome_edit.study.names import load_names
 from rome_edit.study.sweep import run_gender_sweep
 from rome_edit.study.task import EDIT_PROMPT
@@ -38,15 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "the edit prompt: %(default)r)")
     add_editing_args(sweep, POOL)
     sweep.set_defaults(func=run_sweep_cmd)
-
-
-def prompt_template(text: str) -> str:
-    """``--prompt``/``--known-prompt``: a template with one '{}', or ``few-shot``."""
-    template = FEW_SHOT_PROMPT if text == "few-shot" else text
-    if template.count("{}") != 1:
-        raise ValueError(f"prompt {text!r} needs exactly one '{{}}' where the name goes "
-                         "(or give 'few-shot').")
-    return template
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from rome_edit.cli.protect_args import add_protect_args, protection_from_args
 from rome_edit.evaluation.vectors import VectorApplier
 from rome_edit.forms.many import DEFAULT_MOM2_WEIGHT, MANY_FORMS, write_edits
 from rome_edit.models.identity import check_same_model
-from rome_edit.study.commands.sweep import prompt_template
 from rome_edit.study.demo import run_demo
 from rome_edit.study.edited_model import model_state
 from rome_edit.study.experiment import (
@@ -25,7 +24,7 @@ from rome_edit.study.experiment import (
     gender_tasks,
     in_gender_terms,
 )
-from rome_edit.study.known import known_names
+from rome_edit.study.known import known_names, prompt_template
 from rome_edit.study.names import load_names
 from rome_edit.study.persisted import (
     choose_persist_form,
