@@ -91,18 +91,20 @@ def test_calibrate_cli_grid_rule_and_file(saved_model, tmp_path, monkeypatch, ca
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "chosen: layer" in printed
-    # default protected forms: 3 soft weights + same-last-token, on the best 2 per layer
-    assert ("update: 4 candidates with ROME's plain rank-one update (paper form), 16 with a "
+    # default protected forms: 3 soft weights + same-last-token + null-space, on the best 2
+    # per layer
+    assert ("update: 4 candidates with ROME's plain rank-one update (paper form), 20 with a "
             "protected update") in printed
     report = json.loads((tmp_path / "cal" / "hp-report" / "calibration.json").read_text())
     table = report["table"]
     plain = [r for r in table if r["protect_source"] is None]
-    assert len(plain) == 2 * 2 and len(table) == 4 + 2 * 2 * 4  # layers × clamps (× one step)
+    assert len(plain) == 2 * 2 and len(table) == 4 + 2 * 2 * 5  # layers × clamps (× one step)
     assert {(r["layer"], r["clamp_norm_factor"], r["v_num_grad_steps"]) for r in plain} == \
         {(a, b, 2) for a in (1, 2) for b in (1.0, 8.0)}
     assert {(r["protect_source"], r["protect_weight"]) for r in table} == {
         (None, None), ("other-names", 0.001), ("other-names", 0.01), ("other-names", 0.1),
-        ("same-last-token", 0.01)}
+        ("same-last-token", 0.01), ("other-names", None)}
+    assert {r["protect_form"] for r in table} == {None, "soft", "auto", "null-space"}
     # protected variants reuse the plain edits: same optimised delta
     for r in table:
         twin = next(p for p in plain if (p["layer"], p["clamp_norm_factor"]) ==
@@ -156,7 +158,10 @@ def test_calibrate_library_measures_what_it_reports(tiny_gptj, tmp_path):
     result = calibrate(tiny_gptj, requests, grid=CalibrationGrid(layers=(2,), clamps=(0.5, 8),
                                                                  steps=(3,)),
                        base=base, context_templates=templates, n_fluency=0, progress=False)
-    for r in result.rows:
+    # plain rows only: a protected row scores the same edits written with another update
+    plain = [r for r in result.rows if r["protect_source"] is None]
+    assert len(plain) == 2
+    for r in plain:
         hp = Candidate(r["layer"], r["clamp_norm_factor"], r["v_num_grad_steps"],
                        r["v_loss_layer"]).apply(base)
         again = summarize(evaluate_edits(tiny_gptj, compute_edits(
@@ -171,6 +176,7 @@ def test_calibrate_library_measures_what_it_reports(tiny_gptj, tmp_path):
     (["--n", "1"], "--n must be"),
     (["--prompt", "Name: Ani."], "exactly one"),
     (["--prompt", "{} said that"], "--answers"),
+    (["--known-prompt", "Name: Ani."], "exactly one"),
     (["--clamps", "0"], "clamps must be positive"),
     (["--steps", "0"], "steps must be"),
     (["--n", "40"], "female names"),

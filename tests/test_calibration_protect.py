@@ -182,3 +182,31 @@ def test_tradeoff_says_when_the_choice_is_also_the_most_effective():
     c = choose([row(eff=1.0, rand=0.98), row(eff=0.5, rand=0.97)])
     assert not c.rule_met and c.index == 0
     assert "it is also the most effective candidate" in c.tradeoff
+
+
+def test_a_presets_pool_protection_is_skipped_by_edit_and_said(saved, tmp_path, capsys,
+                                                               monkeypatch):
+    """A preset (SmolLM2's) may protect other names; the generic ``edit`` has no pool, so it
+    edits unprotected and says so, instead of refusing a command run with every default."""
+    from rome_edit.assembly import session
+    from rome_edit.cli import commands_edit
+
+    model, names = saved
+    protected = ROMEHyperParams.load(tmp_path / "protected.json")
+    original = ROMEHyperParams.preset.__func__
+    monkeypatch.setattr(ROMEHyperParams, "preset", classmethod(
+        lambda cls, name: protected if name == "tiny-protected" else original(cls, name)))
+    for module in (session, commands_edit):
+        monkeypatch.setattr(module, "preset_name", lambda lm: "tiny-protected")
+    edit = ["edit", "--model", str(model), "--subject", "Brittany", "--prompt",
+            "Name: {}. Gender:", "--target", " Male"]
+    assert main([*edit, "--out", str(tmp_path / "e0")]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the tiny-protected preset protects other-names, soft, weight 0.5" in printed
+    assert "no protection" in printed
+    assert json.loads((tmp_path / "e0" / "record.json").read_text()).get("protection") is None
+    # with a pool the preset's protection applies
+    assert main([*edit, "--protect-names", str(names), "--out", str(tmp_path / "e1")]) == 0
+    assert "note:" not in capsys.readouterr().out
+    record = json.loads((tmp_path / "e1" / "record.json").read_text())
+    assert record["protection"]["source"] == "other-names"

@@ -256,6 +256,16 @@ def test_cli_eval_writes_cases_and_summary(tmp_path, eval_args, capsys):
     saved = json.loads(out.read_text())
     assert saved["format"] == "counterfact" and saved["hparams"]["layers"] == [1]
     assert set(saved["summary"]["post"]) >= {"efficacy_score", "score", "generated_efficacy"}
+    assert "note:" not in printed
+    # hparams that protect a pool (SmolLM2's preset does): eval edits plain and says so
+    hp = json.loads((tmp_path / "hp.json").read_text())
+    hp["protect"] = {"source": "other-names", "form": "null-space", "positions": "all"}
+    (tmp_path / "hp.json").write_text(json.dumps(hp))
+    again = tmp_path / "r2.json"
+    assert main(["eval", "--dataset", str(data), "--out", str(again), "--generation-tokens",
+                 "4", *eval_args]) == 0
+    assert "note: the hparams protect other-names, null-space" in capsys.readouterr().out
+    assert json.loads(again.read_text())["summary"]["post"] == saved["summary"]["post"]
 
 
 @pytest.mark.parametrize("data, message", [

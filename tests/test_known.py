@@ -65,3 +65,41 @@ def test_sweep_known_only_edits_and_records_only_known_names(saved_model, tmp_pa
     assert summary["n_edits"] == min(2, selection["n_known"])
     assert json.loads((out / "sweep.json").read_text())["selection"] == selection
     assert f"known-only: {selection['n_right']} of 4 names" in printed.out
+    # the neighbours are counted among known names only (John and Mary answer themselves)
+    from rome_edit.models.loading import load_model
+    pool = known_names(load_model(str(saved_model)), ENTRIES)
+    assert selection["neighbours"] == {"n_tested": 4, "n_known": len(pool.names)}
+    assert f"known-only neighbours: {len(pool.names)} of 4 names" in printed.out
+
+
+def test_calibrate_known_only_samples_known_names(saved_model, tmp_path,  # noqa: F811
+                                                  monkeypatch, capsys):
+    """``calibrate --known-only`` filters the names on the few-shot prompt before the sample is
+    drawn, as ``sweep --known-only`` does, and ``--prompt few-shot`` edits on that prompt."""
+    from rome_edit.models.loading import load_model
+    from rome_edit.study.commands import calibrate as command
+    from rome_edit.study.known import KnownNames
+
+    names = tmp_path / "names.csv"
+    names.write_text("name,gender\n" + "".join(f"{e.name},{e.gender}\n" for e in ENTRIES))
+    known = known_names(load_model(str(saved_model)), ENTRIES)
+    args = ["calibrate", "--model", str(saved_model), "--names", str(names),
+            "--base", str(tmp_path / "hp.json"), "--context-templates", str(tmp_path / "ctx.json"),
+            "--known-only", "--prompt", "few-shot", "--n", "2", "--layers", "1",
+            "--clamps", "4", "--steps", "2", "--protect-top", "0", "--n-fluency", "0",
+            "--out", str(tmp_path / "cal.json")]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert f"known-only: {known.n_right} of 4 names right" in captured.out
+    # the random tiny model answers Male for every name: no female name is known, so the
+    # balanced sample is refused with the fix, after the filter and before any edit
+    assert {e.gender for e in known.names} == {"male"}
+    assert code == 2 and "lower --n" in captured.err and not (tmp_path / "cal.json").exists()
+    # with a filter that keeps one name of each gender the run goes on with those two
+    two = (ENTRIES[0], ENTRIES[2])  # Anna, Peter
+    monkeypatch.setattr(command, "known_names", lambda lm, entries, prompt: KnownNames(
+        two, prompt, len(entries), 2, 0.5, 0.5))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "known-only: 2 of 6 names right" in out
+    assert "on 2 edits of 'Name: John. Gender: Male\\n" in out and (tmp_path / "cal.json").exists()

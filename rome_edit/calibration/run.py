@@ -36,9 +36,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rome_edit.assembly.session import (
-    BUNDLED_NAME,
     Session,
     no_preset_hparams,
+    preset_name,
     relative_depth_layer,
 )
 from rome_edit.calibration.choose import Choice, ChoiceRule, choose, rank_key
@@ -128,10 +128,12 @@ class CalibrationResult:
 
 
 def base_hparams(lm: LoadedModel, layer: int) -> ROMEHyperParams:
-    """What the grid varies from: the bundled preset for the bundled model, else the no-preset
-    defaults (:func:`rome_edit.assembly.session.no_preset_hparams`)."""
-    if lm.name == BUNDLED_NAME:
-        return ROMEHyperParams.preset("toy-gptj").with_layer(layer)
+    """What the grid varies from: the model's shipped preset (the bundled model's, SmolLM2's;
+    :func:`rome_edit.assembly.session.preset_name`), else the no-preset defaults
+    (:func:`rome_edit.assembly.session.no_preset_hparams`)."""
+    name = preset_name(lm)
+    if name is not None:
+        return ROMEHyperParams.preset(name).with_layer(layer)
     return no_preset_hparams(lm, layer)
 
 

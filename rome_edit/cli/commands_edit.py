@@ -11,12 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from rome_edit.api.editor import Editor
+from rome_edit.assembly.session import preset_name
 from rome_edit.cli.common import add_model_args, model_from_args
 from rome_edit.cli.protect_args import (
     add_protect_args,
     check_protect_pool,
     protect_label,
     protection_from_args,
+    skip_pool_protection,
 )
 from rome_edit.distributed import SINGLE, Workers
 from rome_edit.evaluation.evaluate import generations
@@ -96,6 +98,9 @@ def run_edit(args: argparse.Namespace) -> int:
     check_protect_pool(args, None)  # before the model loads
     ed = setup_editor(args, prompt=args.prompt, subjects=[args.subject])
     lm, hp, templates, inverse = ed.lm, ed.hparams, ed.context_templates, ed.inverse
+    skipped = skip_pool_protection(args, hp, None if args.hparams else preset_name(lm))
+    if skipped:
+        print(skipped)
     print(update_line(hp.update_form, args.update, protect_label(args, hp)))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)

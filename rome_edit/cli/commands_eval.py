@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rome_edit.cli.commands_edit import add_run_args, setup_editor
+from rome_edit.forms.recipe import ProtectRecipe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +46,10 @@ def run_eval(args: argparse.Namespace) -> int:
     fmt, cases = read_dataset(args.dataset, args.zsre_target)
     cases = cases[: args.limit]
     ed = setup_editor(args)
+    recipe = ProtectRecipe.from_hparams(ed.hparams)
+    if recipe is not None:  # e.g. SmolLM2's preset: its pool is the gender study's names
+        print(f"note: the hparams protect {recipe.label()}; eval does not (a case's facts have "
+              "no pool of other subjects here): each case is ROME's plain update")
     result = evaluate_benchmark(ed, fmt, cases, args.generation_tokens,
                                 args.batch_size)
     result.write(args.out, {"dataset": str(args.dataset), "model": ed.lm.name,

@@ -76,6 +76,22 @@ def file_recipe(args: argparse.Namespace, hparams: ROMEHyperParams | None
     return ProtectRecipe.from_hparams(hparams)
 
 
+def skip_pool_protection(args: argparse.Namespace, hparams: ROMEHyperParams,
+                         preset: str | None) -> str | None:
+    """A command without a pool of subjects (``edit``) cannot apply a *preset's* protection
+    that chooses among one (e.g. SmolLM2's: every other name of the study).  Then the edit is
+    the plain one, and this returns the sentence that says so (``args.protect`` is set to
+    ``none``); ``None`` when nothing is skipped.  A protection in a file the user gave with
+    ``--hparams`` is not skipped: :func:`protection_from_args` refuses it without a pool."""
+    recipe = file_recipe(args, hparams)
+    if preset is None or recipe is None or args.protect_names is not None:
+        return None
+    args.protect = NO_PROTECTION
+    return (f"note: the {preset} preset protects {recipe.label()}, which chooses among a pool of "
+            "subjects that this command does not have; this edit is unprotected "
+            "(--protect-names FILE applies the preset's protection)")
+
+
 def protect_label(args: argparse.Namespace, hparams: ROMEHyperParams | None = None
                   ) -> str | None:
     """What the command protects and who asked, for its ``update:`` line (``None``: nothing)."""

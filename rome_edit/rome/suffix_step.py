@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 from weakref import WeakKeyDictionary
 
 import torch
@@ -78,19 +78,29 @@ class GenericSuffix:
         cache = cache_of([FixedPrefix(k, v) for k, v in slots])
         emb = self.h_suffix.clone()
         emb[:, 0] = emb[:, 0] + delta.to(emb.dtype)
+        cols = b.t_cols[rows]
         if self.layer == self.loss_layer:  # the logit lens at L itself: no block runs
-            final = get_module(self.lm.model, self.lm.arch.final_norm)
-            logits = get_module(self.lm.model, self.lm.arch.lm_head)(final(emb))
+            hidden = get_module(self.lm.model, self.lm.arch.final_norm)(_columns(emb, cols))
         else:
             if self.position_offset is not None:
                 emb = emb - self.position_offset
+            # The base model (blocks, then its final norm) and the head apart, so that the head
+            # — on SmolLM2 as many weights as 8 blocks — runs at the read columns only, not at
+            # every suffix column as the causal-LM forward would (docs: BENCHMARKS.md, bound).
+            base = cast(nn.Module, self.lm.model.base_model)
             with only_blocks(self.lm, self.layer + 1, self.loss_layer + 1):
-                logits = self.lm.model(inputs_embeds=emb, attention_mask=b.mask[rows],
-                                       position_ids=b.pos[rows, b.P :], use_cache=True,
-                                       **cache_kwargs(self.lm.model, cache)).logits
-        logits = logits.to(delta.device)
-        cols = b.t_cols[rows]
-        return logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))
+                hidden = base(inputs_embeds=emb, attention_mask=b.mask[rows],
+                              position_ids=b.pos[rows, b.P :], use_cache=True,
+                              **cache_kwargs(base, cache)).last_hidden_state
+            hidden = _columns(hidden, cols)
+        logits = get_module(self.lm.model, self.lm.arch.lm_head)(hidden)
+        return logits.to(delta.device)
+
+
+def _columns(hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``hidden[i, cols[i, j]]`` for every row ``i`` and read column ``j``."""
+    cols = cols.to(hidden.device)
+    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def kernel_disagreement(kernel: StepLogits, generic: StepLogits, v_init: torch.Tensor,

@@ -26,11 +26,11 @@ from rome_edit.calibration.grid import (
     protections_for,
 )
 from rome_edit.cli.common import add_model_args, model_from_args
-from rome_edit.models.subject import split_template
 from rome_edit.rome.context import load_context_templates
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.request import EditRequest
 from rome_edit.stats.stability import Stability
+from rome_edit.study.known import FEW_SHOT_PROMPT, known_names, prompt_template
 from rome_edit.study.names import NameEntry, load_names
 from rome_edit.study.task import ANSWERS, CITY_FACT, EDIT_PROMPT, gender_request, other_gender
 
@@ -46,7 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, default=None,
                    help="folder for the table and figure (default: OUT's name + '-report')")
     p.add_argument("--prompt", default=EDIT_PROMPT,
-                   help="edit prompt with '{}' for the name (default: %(default)r)")
+                   help="edit prompt with '{}' for the name, or 'few-shot' for the known-only "
+                        "filter's prompt (default: %(default)r)")
+    p.add_argument("--known-only", action="store_true",
+                   help="sample, and count as neighbours, only names the model gets right on "
+                        "--known-prompt (as 'sweep --known-only'; the model is loaded before "
+                        "the sample is drawn)")
+    p.add_argument("--known-prompt", default=FEW_SHOT_PROMPT,
+                   help="prompt of the known-only filter (default: two examples, then "
+                        "'Name: {}. Gender:')")
     p.add_argument("--answers", nargs=2, metavar=("FEMALE", "MALE"), default=None,
                    help="answers of female and male names on --prompt (default for the "
                         "default prompt: ' Female' ' Male'; required for other prompts)")
@@ -136,8 +144,9 @@ def _checked(args: argparse.Namespace) -> tuple[CalibrationGrid, ChoiceRule, dic
         raise ValueError(f"--n-fluency must be ≥ 0 (got {args.n_fluency}).")
     if args.until_stable:
         Stability(min_cosine=args.min_cosine)  # refuses a bad value before the model loads
-    split_template(args.prompt)
-    if args.answers is None and args.prompt != EDIT_PROMPT:
+    args.prompt, args.known_prompt = prompt_template(args.prompt), \
+        prompt_template(args.known_prompt)
+    if args.answers is None and args.prompt not in (EDIT_PROMPT, FEW_SHOT_PROMPT):
         raise ValueError(f"for prompt {args.prompt!r} give the answers of female and male names, "
                          f"e.g. --answers ' she' ' he' (the defaults suit only {EDIT_PROMPT!r}).")
     female, male = args.answers or (ANSWERS["female"], ANSWERS["male"])
@@ -157,13 +166,23 @@ def run_calibrate(args: argparse.Namespace) -> int:
     grid, rule, answers = _checked(args)
     report = args.report or args.out.with_name(args.out.stem + "-report")
     names = load_names(args.names, None if args.names else "edit")
-    pool = [e.name for e in (load_names(args.names) if args.names else load_names())]
-    sample = balanced_sample(names, args.n, args.seed)
+    everyone = load_names(args.names) if args.names else load_names()
+    pool = [e.name for e in everyone]
+    if not args.known_only:  # refuse a sample the list cannot give before loading
+        sample = balanced_sample(names, args.n, args.seed)
     base = ROMEHyperParams.load(args.base) if args.base else None
     templates = load_context_templates(args.context_templates) if args.context_templates \
         else None
-    requests = requests_for(sample, args.prompt, answers)
     lm = model_from_args(args)
+    if args.known_only:  # edited and counted (as neighbours and protected names): known names
+        known = known_names(lm, everyone, args.known_prompt)
+        print(f"known-only: {known.n_right} of {known.n_tested} names right on "
+              f"{args.known_prompt!r} (female {known.accuracy_female:.1%}, male "
+              f"{known.accuracy_male:.1%})", flush=True)
+        pool = [e.name for e in known.names]
+        kept = set(pool)
+        sample = balanced_sample([e for e in names if e.name in kept], args.n, args.seed)
+    requests = requests_for(sample, args.prompt, answers)
     print(f"calibrating {lm.name} on {len(requests)} edits of {args.prompt!r} "
           f"(clamps {list(grid.clamps)}, steps {list(grid.steps)}, "
           f"loss layers {list(grid.loss_layers)})")

@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "'few-shot' for the known-only filter's prompt)")
     sweep.add_argument("--known-only", action="store_true",
                        help="edit only names the model gets right on --known-prompt (argmax "
-                            "of ' Male'/' Female'), applied before --limit; recorded as "
-                            "'selection' in sweep.json and summary.json")
+                            "of ' Male'/' Female'), applied before --limit, and draw the "
+                            "neighbours (and protected names) from the known names too; "
+                            "recorded as 'selection' in sweep.json and summary.json")
     sweep.add_argument("--known-prompt", default=FEW_SHOT_PROMPT,
                        help="prompt of the known-only filter (default: two examples, then "
                             "the edit prompt: %(default)r)")
@@ -62,6 +63,14 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
             if not names:
                 raise ValueError("the model gets no name right on the known-only prompt; "
                                  "drop --known-only or give another --known-prompt.")
+            # Counted as well as edited: a neighbour the model answers wrongly "keeps" or
+            # "loses" an answer that is not its fact.
+            pool = known_names(lm, neighbours, known_prompt)
+            neighbours = list(pool.names)
+            selection["neighbours"] = {"n_tested": pool.n_tested, "n_known": len(neighbours)}
+            if workers.is_main:
+                print(f"known-only neighbours: {len(neighbours)} of {pool.n_tested} names",
+                      flush=True)
         if args.limit is not None:
             names = names[: args.limit]
         if workers.is_main:
