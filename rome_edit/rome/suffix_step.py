@@ -4,8 +4,9 @@ The batched engine (:mod:`rome_edit.rome.value_batched`) needs, at every step, t
 each row's target columns as a function of δ at the subject's last token.  Two ways compute
 them from the δ = 0 pass (:mod:`rome_edit.rome.prefix_pass`):
 
-* :class:`GenericSuffix` — any supported family: the model's own forward over the suffix, blocks
-  ``L+1 .. v_loss_layer`` only, against the fixed prefix as a cache.
+* :class:`GenericSuffix` — any supported family: the model's own base model over the suffix,
+  blocks ``L+1 .. v_loss_layer`` only, against the fixed prefix as a cache, and its head at the
+  read columns.
 * :class:`~rome_edit.models.gptj_suffix.SuffixGroups` — an undispatched GPT-J: a kernel that
   mirrors GPT-J's eager attention and skips what δ cannot change.
 
@@ -49,8 +50,9 @@ _VERDICTS: WeakKeyDictionary[nn.Module, dict[tuple[int, int], bool]] = WeakKeyDi
 
 
 class GenericSuffix:
-    """Any supported family: the model's own forward over the suffix, blocks ``L+1 ..
-    v_loss_layer`` only, against the fixed prefix cache; logits gathered at the read columns."""
+    """Any supported family: the model's own base model over the suffix, blocks ``L+1 ..
+    v_loss_layer`` only, against the fixed prefix cache, then the model's own head at the read
+    columns only (not at every suffix column)."""
 
     def __init__(self, lm: LoadedModel, b: PromptBatch, prefix_kv: list, h_suffix: torch.Tensor,
                  layer: int, loss_layer: int) -> None:
