@@ -105,21 +105,32 @@ def table_of(questions: dict, before: dict, after: dict, genders: list[str], sta
     return table
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sweep_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments both paraphrase diagnostics take (this script and
+    ``measure_paraphrase_levers.py``)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--sweep", type=Path, required=True)
     ap.add_argument("--model", default="smollm2-135m-gguf")
     ap.add_argument("--n", type=int, default=64, help="names, half female and half male")
     ap.add_argument("--n-random", type=int, default=5, help="random other names per edit")
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    return ap
+
+
+def first_of_each_gender(records: list[dict], n: int) -> list[dict]:
+    """The sweep's first ``n // 2`` female and first ``n // 2`` male records."""
+    return [r for r in records if r["gender"] == "female"][: n // 2] + \
+        [r for r in records if r["gender"] == "male"][: n // 2]
+
+
+def main() -> int:
+    args = sweep_arguments(__doc__.split("\n\n")[0]).parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
     manifest = json.loads((args.sweep / "sweep.json").read_text())
     prompt = manifest["prompt"]
     records = [json.loads(line) for line in (args.sweep / "records.jsonl").open()]
-    picked = [r for r in records if r["gender"] == "female"][: args.n // 2] + \
-        [r for r in records if r["gender"] == "male"][: args.n // 2]
+    picked = first_of_each_gender(records, args.n)
     names = [r["subject"] for r in picked]
     pool = [r["subject"] for r in records if r["subject"] not in set(names)]
     ed = Editor.from_sweep(args.sweep, args.model, progress=False)

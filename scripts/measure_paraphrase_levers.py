@@ -1,0 +1,253 @@
+"""Which lever moves the pronoun paraphrase on SmolLM2, and which does not.
+
+    python scripts/measure_paraphrase_levers.py --sweep vectors/smollm2-sweep --n 64 \
+        --out docs/real-model/paraphrase_levers.json
+
+``measure_paraphrase_position.py`` found the study's paraphrase shortfall in one prompt: the
+pronoun paraphrase ``{} said that`` asked bare, where female names edited to male keep ``she``.
+This script asks what it is about that prompt and whether any setting of the method reaches it.
+On ``--n`` known names of a recorded sweep (half female, half male) it measures:
+
+1. **Surface form.** The edit prompt reads the name after a space (`` Mary``); a name that opens
+   the text, or follows a newline, is read without one (``Mary``) — for a byte-level BPE
+   tokenizer a different token sequence.  The frames are: bare, after the document separator
+   (``<|endoftext|>``, what pretraining put between documents), after a newline, and after a
+   neutral sentence (the spaced form again).  It also counts the names whose two forms differ.
+2. **Levers of the method**, each a pass of one edit per name, scored in every frame, with
+   ``--n-random`` random other names kept on the edit prompt: the sweep's settings; δ written at
+   2× and 3× (is it strength?); 20 steps; clamp 16; no KL term; 21 context templates
+   (ROME's GPT-J setting); layers 1 and 5 (``C`` from the Debian handbook there); and the bare
+   surface form written too — a second ``v*`` optimised on the edit prompt with the name unspaced
+   (``Name:{}``), both keys written by the minimum-``C``-norm rank-2 update (ROME's Eq. 2 with two
+   keys); and that with 20 steps.  The writes are plain (no protection), one name at a time.
+3. **An upper bound in the value space.**  For each name, a free vector added to the layer's
+   MLP output at the bare name's last token, optimised on the bare pronoun prompt itself
+   (Adam, lr 0.5, at most 30 steps, norm at most 4× the value there) until the other pronoun
+   wins.  It says whether the edited layer *can* carry the pronoun at all; it is a diagnostic
+   fitted on the test prompt, not an edit method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure_paraphrase_position import (  # noqa: E402
+    answers_of,
+    first_of_each_gender,
+    rank_two_update,
+    sweep_arguments,
+)
+
+from rome_edit import Editor  # noqa: E402
+from rome_edit.models.architectures import out_proj_weight  # noqa: E402
+from rome_edit.models.subject import locate_subjects  # noqa: E402
+from rome_edit.rome.hparams import ROMEHyperParams  # noqa: E402
+from rome_edit.rome.request import EditRequest  # noqa: E402
+from rome_edit.study.task import ANSWERS, PARAPHRASES  # noqa: E402
+
+SEPARATOR = "<|endoftext|>"
+FRAMES = {"bare": "", "after the document separator": SEPARATOR, "after a newline": "\n",
+          "after a sentence": "It was a quiet morning. "}
+# name → (hyperparameter overrides, δ scale, write the unspaced form too)
+PASSES: dict[str, tuple[dict, float, bool]] = {
+    "sweep settings": ({}, 1.0, False),
+    "delta x2": ({}, 2.0, False),
+    "delta x3": ({}, 3.0, False),
+    "20 steps": ({"v_num_grad_steps": 20}, 1.0, False),
+    "clamp 16, 20 steps": ({"v_num_grad_steps": 20, "clamp_norm_factor": 16}, 1.0, False),
+    "no KL term": ({"kl_factor": 0.0}, 1.0, False),
+    "21 context templates": ({"context_template_length_params": [[5, 10], [10, 10]]}, 1.0,
+                             False),
+    "layer 1": ({"layers": [1]}, 1.0, False),
+    "layer 5": ({"layers": [5]}, 1.0, False),
+    "unspaced form written too": ({}, 1.0, True),
+    "unspaced form too, 20 steps": ({"v_num_grad_steps": 20}, 1.0, True),
+}
+
+
+def unspaced(prompt: str) -> str:
+    """The edit prompt with the name glued to what precedes it (``Name:{}``): same context, the
+    name's bare token sequence."""
+    head, _, tail = prompt.rpartition(" {}")
+    if not head:
+        raise ValueError(f"{prompt!r} has no ' {{}}' to unspace")
+    return head + "{}" + tail
+
+
+def editor_for(sweep: Path, model: str, manifest: dict, overrides: dict) -> Editor:
+    hp = dataclasses.replace(ROMEHyperParams.from_dict(manifest["hparams"]), **overrides)
+    same_layer = hp.layers == manifest["hparams"]["layers"]
+    templates = None if "context_template_length_params" in overrides \
+        else manifest["context_templates"]
+    stats = manifest["stats"]["path"] if same_layer else None
+    return Editor.load(model, hparams=hp, context_templates=templates,
+                       stats=stats if stats and Path(stats).is_file() else None,
+                       corpus=None if same_layer else "debian-handbook", progress=False)
+
+
+def run_pass(ed: Editor, picked: list[dict], prompt: str, questions: dict, pool: list[str],
+             scale: float, both_forms: bool, n_random: int, rng: random.Random) -> dict:
+    lm, layer = ed.lm, ed.layer
+    weight = out_proj_weight(lm.model, lm.arch, layer)
+    c_inv = ed.solver.solve(torch.eye(weight.shape[1], dtype=torch.float64)).double()
+    t0 = time.perf_counter()
+    forms = [prompt, unspaced(prompt)] if both_forms else [prompt]
+    records = [ed.compute([EditRequest(r["subject"], p, r["target"], r["target_true"])
+                           for r in picked]) for p in forms]
+    seconds = time.perf_counter() - t0
+    edit_q = {"edit prompt": questions["edit prompt"]}
+    after: dict[str, list[str]] = {k: [] for k in questions}
+    kept = []
+    for i, r in enumerate(picked):
+        keys = torch.stack([recs[i].k_star.double() for recs in records])
+        residuals = torch.stack([recs[i].v_star.double() for recs in records]) \
+            - keys @ weight.double().T
+        update = rank_two_update(keys, scale * residuals, c_inv)
+        others = rng.sample(pool, n_random)
+        others_before = answers_of(ed, others, edit_q)["edit prompt"]
+        saved = weight.data.clone()
+        weight.data += update.to(weight.dtype)
+        try:
+            for k, v in answers_of(ed, [r["subject"]], questions).items():
+                after[k] += v
+            now = answers_of(ed, others, edit_q)["edit prompt"]
+            kept += [a == b for a, b in zip(others_before, now)]
+        finally:
+            weight.data.copy_(saved)
+    return {"after": after, "specificity_random": sum(kept) / len(kept),
+            "compute_seconds": seconds}
+
+
+def rates(after: list[str], genders: list[str]) -> dict[str, float]:
+    new = ["male" if g == "female" else "female" for g in genders]
+    hit = [a == b for a, b in zip(after, new)]
+    f = [h for h, g in zip(hit, genders) if g == "female"]
+    m = [h for h, g in zip(hit, genders) if g == "male"]
+    return {"flipped": sum(hit) / len(hit), "flipped_f_to_m": sum(f) / len(f),
+            "flipped_m_to_f": sum(m) / len(m)}
+
+
+def value_bound(ed: Editor, picked: list[dict], template: str, answers: dict[str, str]
+                ) -> list[dict]:
+    """Per name: can a vector added to the layer's MLP output at the bare name's last token
+    turn the pronoun to the other gender (optimised on that prompt; see the module doc)?"""
+    lm, layer = ed.lm, ed.layer
+    module = lm.model.get_submodule(lm.arch.out_proj.format(layer))
+    ids = {g: lm.tokenizer(a, add_special_tokens=False)["input_ids"][-1]
+           for g, a in answers.items()}
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    out = []
+    for r in picked:
+        span = locate_subjects(lm.tokenizer, [template], [r["subject"]])[0]
+        x = torch.tensor([span.input_ids], device=lm.device)
+        want, old = ids[r["target_gender"]], ids[r["gender"]]
+        d = torch.zeros(module.out_features, device=lm.device, requires_grad=True)
+        base: dict[str, torch.Tensor] = {}
+
+        def add(_m, _i, o, d=d, base=base, pos=span.last):
+            base["v"] = o[0, pos].detach()
+            o = o.clone()
+            o[0, pos] = o[0, pos] + d
+            return o
+
+        handle = module.register_forward_hook(add)
+        opt = torch.optim.Adam([d], lr=0.5)
+        steps = 0
+        try:
+            for steps in range(31):
+                logp = torch.log_softmax(lm.model(x).logits[0, -1].float(), -1)
+                if logp[want] > logp[old] or steps == 30:
+                    break
+                opt.zero_grad()
+                (-logp[want]).backward()
+                opt.step()
+                with torch.no_grad():
+                    d.mul_(torch.clamp(4 * base["v"].norm() / d.norm().clamp_min(1e-9), max=1))
+        finally:
+            handle.remove()
+        out.append({"name": r["subject"], "gender": r["gender"],
+                    "target_gender": r["target_gender"], "n_tokens": span.end - span.start,
+                    "flipped": bool(logp[want] > logp[old]), "steps": steps,
+                    "norm": float(d.detach().norm()), "value_norm": float(base["v"].norm())})
+    return out
+
+
+def main() -> int:
+    ap = sweep_arguments(__doc__.split("\n\n")[0])
+    ap.add_argument("--passes", nargs="*", default=list(PASSES), choices=list(PASSES))
+    args = ap.parse_args()
+    manifest = json.loads((args.sweep / "sweep.json").read_text())
+    prompt = manifest["prompt"]
+    records = [json.loads(line) for line in (args.sweep / "records.jsonl").open()]
+    picked = first_of_each_gender(records, args.n)
+    for r in picked:
+        r["target_gender"] = "male" if r["gender"] == "female" else "female"
+    names = [r["subject"] for r in picked]
+    genders = [r["gender"] for r in picked]
+    pool = [r["subject"] for r in records if r["subject"] not in set(names)]
+    questions = {"edit prompt": (prompt, (ANSWERS["female"], ANSWERS["male"]))}
+    for template, answers in PARAPHRASES:
+        for frame, prefix in FRAMES.items():
+            questions[f"{template} | {frame}"] = (prefix + template,
+                                                 (answers["female"], answers["male"]))
+    result: dict = {"sweep": str(args.sweep), "prompt": prompt, "n": len(names),
+                    "frames": FRAMES, "passes": {}}
+    t_start = time.perf_counter()
+    for name in args.passes:
+        overrides, scale, both = PASSES[name]
+        torch.manual_seed(0)
+        ed = editor_for(args.sweep, args.model, manifest, overrides)
+        if "known" not in result:
+            tok = ed.lm.tokenizer
+            result["model_identity"] = ed.lm.name
+            result["forms_differ"] = sum(
+                tok(n, add_special_tokens=False)["input_ids"]
+                != tok(" " + n, add_special_tokens=False)["input_ids"] for n in names) / len(names)
+            before = answers_of(ed, names, questions)
+            result["known"] = {k: sum(a == g for a, g in zip(v, genders)) / len(v)
+                               for k, v in before.items()}
+        res = run_pass(ed, picked, prompt, questions, pool, scale, both, args.n_random,
+                       random.Random(0))
+        row = {"layer": ed.layer, "scale": scale, "unspaced_form_written": both,
+               "overrides": overrides, "specificity_random": res["specificity_random"],
+               "compute_seconds": res["compute_seconds"],
+               "table": {k: rates(v, genders) for k, v in res["after"].items()}}
+        result["passes"][name] = row
+        t = row["table"]
+        said, said_mid = t["{} said that | bare"], t["{} said that | after a sentence"]
+        print(f"{name:28s} random kept {row['specificity_random']:.3f} | edit "
+              f"{t['edit prompt']['flipped']:.3f} | said bare {said['flipped']:.3f} "
+              f"(F→M {said['flipped_f_to_m']:.3f}) | said after a sentence "
+              f"{said_mid['flipped']:.3f} | record bare "
+              f"{t['Record for {}: | bare']['flipped']:.3f}", flush=True)
+        if name == "sweep settings":
+            template, answers = PARAPHRASES[0]
+            bound = value_bound(ed, picked, template, answers)
+            result["value_bound"] = {
+                "template": template, "names": bound,
+                "flipped": rates([b["target_gender"] if b["flipped"] else b["gender"]
+                                  for b in bound], genders),
+                "mean_norm_over_value_norm": sum(b["norm"] / b["value_norm"] for b in bound
+                                                 if b["flipped"]) / max(1, sum(b["flipped"]
+                                                                              for b in bound))}
+            print("value bound on the bare pronoun prompt:", result["value_bound"]["flipped"],
+                  flush=True)
+    result["seconds"] = time.perf_counter() - t_start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

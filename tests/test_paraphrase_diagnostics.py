@@ -1,0 +1,63 @@
+"""The arithmetic behind scripts/measure_paraphrase_{position,levers}.py (docs/real-model.md):
+the several-key write they use must be ROME's update for one key and exact at every key."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rome_edit.rome.update import rank_one_update
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stats():
+    g = torch.Generator().manual_seed(0)
+    d_mlp, d_model = 12, 5
+    a = torch.randn(d_mlp, 40, generator=g, dtype=torch.float64)
+    c = a @ a.T / 40  # a second moment, full rank
+    weight = torch.randn(d_model, d_mlp, generator=g, dtype=torch.float64)
+    keys = torch.randn(3, d_mlp, generator=g, dtype=torch.float64)
+    values = torch.randn(3, d_model, generator=g, dtype=torch.float64)
+    return c, torch.linalg.inv(c), weight, keys, values
+
+
+def test_one_key_is_romes_rank_one_update(stats):
+    c, c_inv, weight, keys, values = stats
+    k, v = keys[0], values[0]
+    got = load("measure_paraphrase_position").rank_two_update(
+        k[None], (v - weight @ k)[None], c_inv)
+    ref = rank_one_update("paper", c_inv @ k, k, v, weight @ k).matrix(transposed=False)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_several_keys_are_exact_and_of_minimum_c_norm(stats):
+    c, c_inv, weight, keys, values = stats
+    residuals = values - keys @ weight.T
+    update = load("measure_paraphrase_position").rank_two_update(keys, residuals, c_inv)
+    torch.testing.assert_close(keys @ update.T, residuals, rtol=1e-9, atol=1e-10)
+    # Minimum tr(ΔW C ΔWᵀ) among exact solutions: ΔW C lies in the row space of the keys, so
+    # adding any N with N kᵢ = 0 only grows the norm.
+    coeffs = torch.linalg.lstsq(keys.T, (update @ c).T).solution
+    torch.testing.assert_close(coeffs.T @ keys, update @ c, rtol=1e-9, atol=1e-9)
+    null = torch.linalg.svd(keys).Vh[3:]  # rows orthogonal to every key
+    other = update + torch.randn(update.shape[0], null.shape[0], dtype=torch.float64) @ null
+    torch.testing.assert_close(keys @ other.T, residuals, rtol=1e-9, atol=1e-9)
+    assert torch.trace(other @ c @ other.T) > torch.trace(update @ c @ update.T)
+
+
+def test_unspaced_prompt_glues_the_last_subject_slot():
+    unspaced = load("measure_paraphrase_levers").unspaced
+    few_shot = "Name: John. Gender: Male\nName: {}. Gender:"
+    assert unspaced(few_shot) == "Name: John. Gender: Male\nName:{}. Gender:"
+    with pytest.raises(ValueError, match="no ' {}'"):
+        unspaced("{} said that")
