@@ -19,7 +19,11 @@ On ``--n`` known names of a recorded sweep (half female, half male) it measures:
    (ROME's GPT-J setting); layers 1 and 5 (``C`` from the Debian handbook there); and the bare
    surface form written too — a second ``v*`` optimised on the edit prompt with the name unspaced
    (``Name:{}``), both keys written by the minimum-``C``-norm rank-2 update (ROME's Eq. 2 with two
-   keys); and that with 20 steps.  The writes are plain (no protection), one name at a time.
+   keys); and that with 20 steps.  The writes are plain, one name at a time, except the two
+   ``protected`` passes: they spare every other known name's keys as the preset does (the
+   minimum-norm write within the null space of those keys at every prompt token, threshold
+   0.01).  Random other names are checked on the edit prompt and on the pronoun read
+   unspaced (after the separator), where a write at the unspaced key could reach them.
 3. **An upper bound in the value space.**  For each name, a free vector added to the layer's
    MLP output at the bare name's last token, optimised on the bare pronoun prompt itself
    (Adam, lr 0.5, at most 30 steps, norm at most 4× the value there) until the other pronoun
@@ -49,30 +53,51 @@ from measure_paraphrase_position import (  # noqa: E402
 )
 
 from rome_edit import Editor  # noqa: E402
+from rome_edit.forms.protect import second_moment_matrix  # noqa: E402
+from rome_edit.forms.protected_keys import ProtectedKeyBank  # noqa: E402
 from rome_edit.models.architectures import out_proj_weight  # noqa: E402
 from rome_edit.models.subject import locate_subjects  # noqa: E402
 from rome_edit.rome.hparams import ROMEHyperParams  # noqa: E402
 from rome_edit.rome.request import EditRequest  # noqa: E402
+from rome_edit.rome.solver import Solver  # noqa: E402
+from rome_edit.study.known import known_names  # noqa: E402
+from rome_edit.study.names import load_names  # noqa: E402
 from rome_edit.study.task import ANSWERS, PARAPHRASES  # noqa: E402
 
 SEPARATOR = "<|endoftext|>"
 FRAMES = {"bare": "", "after the document separator": SEPARATOR, "after a newline": "\n",
           "after a sentence": "It was a quiet morning. "}
-# name → (hyperparameter overrides, δ scale, write the unspaced form too)
-PASSES: dict[str, tuple[dict, float, bool]] = {
-    "sweep settings": ({}, 1.0, False),
-    "delta x2": ({}, 2.0, False),
-    "delta x3": ({}, 3.0, False),
-    "20 steps": ({"v_num_grad_steps": 20}, 1.0, False),
-    "clamp 16, 20 steps": ({"v_num_grad_steps": 20, "clamp_norm_factor": 16}, 1.0, False),
-    "no KL term": ({"kl_factor": 0.0}, 1.0, False),
-    "21 context templates": ({"context_template_length_params": [[5, 10], [10, 10]]}, 1.0,
-                             False),
-    "layer 1": ({"layers": [1]}, 1.0, False),
-    "layer 5": ({"layers": [5]}, 1.0, False),
-    "unspaced form written too": ({}, 1.0, True),
-    "unspaced form too, 20 steps": ({"v_num_grad_steps": 20}, 1.0, True),
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One setting: hyperparameter overrides, the scale δ is written at, whether the unspaced
+    form is written too, and whether the write spares the other known names' keys (the
+    preset's protection: null space of their keys at every prompt token, threshold 0.01)."""
+
+    overrides: dict = dataclasses.field(default_factory=dict)
+    scale: float = 1.0
+    unspaced: bool = False
+    protect: bool = False
+
+
+TWENTY = {"v_num_grad_steps": 20}
+PASSES: dict[str, Pass] = {
+    "sweep settings": Pass(),
+    "delta x2": Pass(scale=2.0),
+    "delta x3": Pass(scale=3.0),
+    "20 steps": Pass(TWENTY),
+    "clamp 16, 20 steps": Pass({**TWENTY, "clamp_norm_factor": 16}),
+    "no KL term": Pass({"kl_factor": 0.0}),
+    "21 context templates": Pass({"context_template_length_params": [[5, 10], [10, 10]]}),
+    "layer 1": Pass({"layers": [1]}),
+    "layer 5": Pass({"layers": [5]}),
+    "unspaced form written too": Pass(unspaced=True),
+    "unspaced form too, 20 steps": Pass(TWENTY, unspaced=True),
+    "20 steps, protected": Pass(TWENTY, protect=True),
+    "unspaced form too, 20 steps, protected": Pass(TWENTY, unspaced=True, protect=True),
 }
+PROTECT_THRESHOLD = 0.01
 
 
 def unspaced(prompt: str) -> str:
@@ -95,37 +120,69 @@ def editor_for(sweep: Path, model: str, manifest: dict, overrides: dict) -> Edit
                        corpus=None if same_layer else "debian-handbook", progress=False)
 
 
+class Metrics:
+    """The metric of each minimum-norm write: ``C⁻¹`` (ROME's), or with the other known names
+    protected ``Q (QᵀCQ)⁻¹ Qᵀ`` for the null space ``Q`` of their keys (AlphaEdit's threshold,
+    as the preset), so that the write is exact at the edit's keys and ≈ 0 at theirs."""
+
+    def __init__(self, solver: Solver, d_mlp: int, bank: ProtectedKeyBank | None) -> None:
+        self.c_inv = solver.solve(torch.eye(d_mlp, dtype=torch.float64)).double()
+        self.bank = bank
+        if bank is not None:
+            self.c = second_moment_matrix(solver, d_mlp)
+            keys = bank.keys.double()
+            self.gram = keys.T @ keys
+            self.rows: dict[str, list[int]] = {}
+            for i, owner in enumerate(bank.names):
+                self.rows.setdefault(owner, []).append(i)
+
+    def __call__(self, subject: str) -> torch.Tensor:
+        if self.bank is None:
+            return self.c_inv
+        own = self.bank.keys[self.rows.get(subject, [])].double()
+        evals, evecs = torch.linalg.eigh(self.gram - own.T @ own)  # the other names' keys
+        q = evecs[:, evals < PROTECT_THRESHOLD * evals[-1]]
+        return q @ torch.linalg.solve(q.T @ self.c @ q, q.T)
+
+
 def run_pass(ed: Editor, picked: list[dict], prompt: str, questions: dict, pool: list[str],
-             scale: float, both_forms: bool, n_random: int, rng: random.Random) -> dict:
+             setting: Pass, protect_names: list[str], n_random: int, rng: random.Random
+             ) -> dict:
     lm, layer = ed.lm, ed.layer
     weight = out_proj_weight(lm.model, lm.arch, layer)
-    c_inv = ed.solver.solve(torch.eye(weight.shape[1], dtype=torch.float64)).double()
+    bank = ed.protection(prompt, protect_names, positions="all").bank if setting.protect \
+        else None
+    metric = Metrics(ed.solver, weight.shape[1], bank)
     t0 = time.perf_counter()
-    forms = [prompt, unspaced(prompt)] if both_forms else [prompt]
+    forms = [prompt, unspaced(prompt)] if setting.unspaced else [prompt]
     records = [ed.compute([EditRequest(r["subject"], p, r["target"], r["target_true"])
                            for r in picked]) for p in forms]
     seconds = time.perf_counter() - t0
-    edit_q = {"edit prompt": questions["edit prompt"]}
+    # Other names asked on the edit prompt, and on the pronoun read unspaced (after the
+    # separator): a write at the unspaced key could reach other names' unspaced keys.
+    others_q = {"edit prompt": questions["edit prompt"],
+                "pronoun": questions["{} said that | after the document separator"]}
     after: dict[str, list[str]] = {k: [] for k in questions}
-    kept = []
+    kept: dict[str, list[bool]] = {k: [] for k in others_q}
     for i, r in enumerate(picked):
         keys = torch.stack([recs[i].k_star.double() for recs in records])
         residuals = torch.stack([recs[i].v_star.double() for recs in records]) \
             - keys @ weight.double().T
-        update = rank_two_update(keys, scale * residuals, c_inv)
+        update = rank_two_update(keys, setting.scale * residuals, metric(r["subject"]))
         others = rng.sample(pool, n_random)
-        others_before = answers_of(ed, others, edit_q)["edit prompt"]
+        others_before = answers_of(ed, others, others_q)
         saved = weight.data.clone()
         weight.data += update.to(weight.dtype)
         try:
             for k, v in answers_of(ed, [r["subject"]], questions).items():
                 after[k] += v
-            now = answers_of(ed, others, edit_q)["edit prompt"]
-            kept += [a == b for a, b in zip(others_before, now)]
+            for k, v in answers_of(ed, others, others_q).items():
+                kept[k] += [a == b for a, b in zip(others_before[k], v)]
         finally:
             weight.data.copy_(saved)
-    return {"after": after, "specificity_random": sum(kept) / len(kept),
-            "compute_seconds": seconds}
+    return {"after": after, "specificity_random": sum(kept["edit prompt"]) / len(picked)
+            / n_random, "specificity_random_pronoun": sum(kept["pronoun"]) / len(picked)
+            / n_random, "compute_seconds": seconds}
 
 
 def rates(after: list[str], genders: list[str]) -> dict[str, float]:
@@ -204,10 +261,14 @@ def main() -> int:
     result: dict = {"sweep": str(args.sweep), "prompt": prompt, "n": len(names),
                     "frames": FRAMES, "passes": {}}
     t_start = time.perf_counter()
+    protect_names: list[str] | None = None
     for name in args.passes:
-        overrides, scale, both = PASSES[name]
+        setting = PASSES[name]
         torch.manual_seed(0)
-        ed = editor_for(args.sweep, args.model, manifest, overrides)
+        ed = editor_for(args.sweep, args.model, manifest, setting.overrides)
+        if setting.protect and protect_names is None:
+            protect_names = [e.name for e in known_names(ed.lm, load_names()).names]
+            result["protected_pool"] = len(protect_names)
         if "known" not in result:
             tok = ed.lm.tokenizer
             result["model_identity"] = ed.lm.name
@@ -217,16 +278,18 @@ def main() -> int:
             before = answers_of(ed, names, questions)
             result["known"] = {k: sum(a == g for a, g in zip(v, genders)) / len(v)
                                for k, v in before.items()}
-        res = run_pass(ed, picked, prompt, questions, pool, scale, both, args.n_random,
-                       random.Random(0))
-        row = {"layer": ed.layer, "scale": scale, "unspaced_form_written": both,
-               "overrides": overrides, "specificity_random": res["specificity_random"],
+        res = run_pass(ed, picked, prompt, questions, pool, setting, protect_names or [],
+                       args.n_random, random.Random(0))
+        row = {"layer": ed.layer, **dataclasses.asdict(setting),
+               "specificity_random": res["specificity_random"],
+               "specificity_random_pronoun": res["specificity_random_pronoun"],
                "compute_seconds": res["compute_seconds"],
                "table": {k: rates(v, genders) for k, v in res["after"].items()}}
         result["passes"][name] = row
         t = row["table"]
         said, said_mid = t["{} said that | bare"], t["{} said that | after a sentence"]
-        print(f"{name:28s} random kept {row['specificity_random']:.3f} | edit "
+        print(f"{name:28s} random kept {row['specificity_random']:.3f} "
+              f"(pronoun {row['specificity_random_pronoun']:.3f}) | edit "
               f"{t['edit prompt']['flipped']:.3f} | said bare {said['flipped']:.3f} "
               f"(F→M {said['flipped_f_to_m']:.3f}) | said after a sentence "
               f"{said_mid['flipped']:.3f} | record bare "

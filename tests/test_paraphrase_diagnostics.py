@@ -2,6 +2,7 @@
 the several-key write they use must be ROME's update for one key and exact at every key."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -61,3 +63,24 @@ def test_unspaced_prompt_glues_the_last_subject_slot():
     assert unspaced(few_shot) == "Name: John. Gender: Male\nName:{}. Gender:"
     with pytest.raises(ValueError, match="no ' {}'"):
         unspaced("{} said that")
+
+
+def test_protected_metric_spares_the_other_names_but_not_the_edited_one(stats):
+    from rome_edit.forms.protected_keys import ProtectedKeyBank
+    from rome_edit.stats.inverse import InverseSecondMoment
+
+    c, c_inv, weight, keys, values = stats
+    levers = load("measure_paraphrase_levers")
+    others = torch.randn(4, c.shape[0], generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    # The edited name owns a bank row equal to its own key: it must not be protected.
+    bank = ProtectedKeyBank("other-names", "{}", 0, ("me", "a", "a", "b", "c"),
+                            torch.cat([keys[:1], others]).float(), (0,) * 5, "all")
+    metric = levers.Metrics(InverseSecondMoment.from_matrix(c), c.shape[0], bank)
+    residuals = values[:2] - keys[:2] @ weight.T
+    update = load("measure_paraphrase_position").rank_two_update(keys[:2], residuals,
+                                                                 metric("me"))
+    torch.testing.assert_close(keys[:2] @ update.T, residuals, rtol=1e-6, atol=1e-6)
+    assert (others.float().double() @ update.T).abs().max() < 1e-6 * residuals.abs().max()
+    plain = levers.Metrics(InverseSecondMoment.from_matrix(c), c.shape[0], None)
+    torch.testing.assert_close(plain("me"), c_inv, rtol=1e-8, atol=1e-10)
