@@ -53,7 +53,7 @@ from measure_paraphrase_position import (  # noqa: E402
 )
 
 from rome_edit import Editor  # noqa: E402
-from rome_edit.forms.protect import second_moment_matrix  # noqa: E402
+from rome_edit.forms.protect import null_space_basis, second_moment_matrix  # noqa: E402
 from rome_edit.forms.protected_keys import ProtectedKeyBank  # noqa: E402
 from rome_edit.models.architectures import out_proj_weight  # noqa: E402
 from rome_edit.models.subject import locate_subjects  # noqa: E402
@@ -128,20 +128,15 @@ class Metrics:
     def __init__(self, solver: Solver, d_mlp: int, bank: ProtectedKeyBank | None) -> None:
         self.c_inv = solver.solve(torch.eye(d_mlp, dtype=torch.float64)).double()
         self.bank = bank
+        self.d_mlp = d_mlp
         if bank is not None:
             self.c = second_moment_matrix(solver, d_mlp)
-            keys = bank.keys.double()
-            self.gram = keys.T @ keys
-            self.rows: dict[str, list[int]] = {}
-            for i, owner in enumerate(bank.names):
-                self.rows.setdefault(owner, []).append(i)
 
     def __call__(self, subject: str) -> torch.Tensor:
         if self.bank is None:
             return self.c_inv
-        own = self.bank.keys[self.rows.get(subject, [])].double()
-        evals, evecs = torch.linalg.eigh(self.gram - own.T @ own)  # the other names' keys
-        q = evecs[:, evals < PROTECT_THRESHOLD * evals[-1]]
+        others = self.bank.keys[self.bank.select(subject, 0)]  # "other-names": every other row
+        q = null_space_basis(others, PROTECT_THRESHOLD, self.d_mlp)
         return q @ torch.linalg.solve(q.T @ self.c @ q, q.T)
 
 
