@@ -1,6 +1,6 @@
 """Which lever moves the pronoun paraphrase on SmolLM2, and which does not.
 
-    python scripts/measure_paraphrase_levers.py --sweep vectors/smollm2-sweep --n 64 \
+    python scripts/measure_paraphrase_levers.py --sweep vectors/smollm2-sweep-one-key --n 64 \
         --out docs/real-model/paraphrase_levers.json
 
 ``measure_paraphrase_position.py`` found the study's paraphrase shortfall in one prompt: the
@@ -19,7 +19,12 @@ On ``--n`` known names of a recorded sweep (half female, half male) it measures:
    (ROME's GPT-J setting); layers 1 and 5 (``C`` from the Debian handbook there); and the bare
    surface form written too — a second ``v*`` optimised on the edit prompt with the name unspaced
    (``Name:{}``), both keys written by the minimum-``C``-norm rank-2 update (ROME's Eq. 2 with two
-   keys); and that with 20 steps.  The writes are plain, one name at a time, except the two
+   keys); and that with 20 steps; the text-start form written too — a ``v*`` optimised on the
+   edit prompt from the name on (``{}. Gender:``) with no context template, so the name opens
+   the text as in a bare paraphrase — alone and with the unspaced form (the forms of
+   :mod:`rome_edit.rome.context`, which the toolkit's ``subject_forms`` option writes; here
+   they are written by this script's own rank-k solve).  The writes are plain, one name at a
+   time, except the two
    ``protected`` passes: they spare every other known name's keys as the preset does (the
    minimum-norm write within the null space of those keys at every prompt token, threshold
    0.01).  Random other names are checked on the edit prompt and on the pronoun read
@@ -57,6 +62,7 @@ from rome_edit.forms.protect import null_space_basis, second_moment_matrix  # no
 from rome_edit.forms.protected_keys import ProtectedKeyBank  # noqa: E402
 from rome_edit.models.architectures import out_proj_weight  # noqa: E402
 from rome_edit.models.subject import locate_subjects  # noqa: E402
+from rome_edit.rome.context import form_prompt, form_templates  # noqa: E402
 from rome_edit.rome.hparams import ROMEHyperParams  # noqa: E402
 from rome_edit.rome.request import EditRequest  # noqa: E402
 from rome_edit.rome.solver import Solver  # noqa: E402
@@ -79,6 +85,7 @@ class Pass:
     scale: float = 1.0
     unspaced: bool = False
     protect: bool = False
+    text_start: bool = False
 
 
 TWENTY = {"v_num_grad_steps": 20}
@@ -95,18 +102,11 @@ PASSES: dict[str, Pass] = {
     "unspaced form written too": Pass(unspaced=True),
     "unspaced form too, 20 steps": Pass(TWENTY, unspaced=True),
     "20 steps, protected": Pass(TWENTY, protect=True),
+    "text-start form too, 20 steps": Pass(TWENTY, text_start=True),
+    "unspaced and text-start forms too, 20 steps": Pass(TWENTY, unspaced=True, text_start=True),
     "unspaced form too, 20 steps, protected": Pass(TWENTY, unspaced=True, protect=True),
 }
 PROTECT_THRESHOLD = 0.01
-
-
-def unspaced(prompt: str) -> str:
-    """The edit prompt with the name glued to what precedes it (``Name:{}``): same context, the
-    name's bare token sequence."""
-    head, _, tail = prompt.rpartition(" {}")
-    if not head:
-        raise ValueError(f"{prompt!r} has no ' {{}}' to unspace")
-    return head + "{}" + tail
 
 
 def editor_for(sweep: Path, model: str, manifest: dict, overrides: dict) -> Editor:
@@ -149,9 +149,19 @@ def run_pass(ed: Editor, picked: list[dict], prompt: str, questions: dict, pool:
         else None
     metric = Metrics(ed.solver, weight.shape[1], bank)
     t0 = time.perf_counter()
-    forms = [prompt, unspaced(prompt)] if setting.unspaced else [prompt]
+    forms = [prompt, form_prompt(prompt, "unspaced")] if setting.unspaced else [prompt]
     records = [ed.compute([EditRequest(r["subject"], p, r["target"], r["target_true"])
                            for r in picked]) for p in forms]
+    if setting.text_start:
+        # No context template: the key and the value are those of the name opening the text.
+        templates = ed.context_templates
+        ed.context_templates = form_templates(templates, "text-start")
+        try:
+            records.append(ed.compute([EditRequest(r["subject"], form_prompt(prompt, "text-start"),
+                                                   r["target"], r["target_true"])
+                                       for r in picked]))
+        finally:
+            ed.context_templates = templates
     seconds = time.perf_counter() - t0
     # Other names asked on the edit prompt, and on the pronoun read unspaced (after the
     # separator): a write at the unspaced key could reach other names' unspaced keys.

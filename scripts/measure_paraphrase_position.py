@@ -1,6 +1,6 @@
 """Where a paraphrase puts the name decides whether a gender edit reaches it.
 
-    python scripts/measure_paraphrase_position.py --sweep vectors/smollm2-sweep --n 64 \
+    python scripts/measure_paraphrase_position.py --sweep vectors/smollm2-sweep-one-key --n 64 \
         --out docs/real-model/paraphrase_position.json
 
 The study's paraphrases (``{} said that`` → he/she, ``Record for {}:`` → male/female) are asked

@@ -1,6 +1,7 @@
 """How a sweep's gender vector transfers to held-out names, and what it depends on.
 
-    python scripts/measure_transfer.py --model smollm2-135m-gguf --sweep vectors/smollm2-sweep \
+    python scripts/measure_transfer.py --model smollm2-135m-gguf \
+        --sweep vectors/smollm2-sweep-one-key \
         [--extra-sweep DIR ...] --out docs/real-model/transfer.json
 
 Issue 22 asks, where the vector transfers weakly on a real model, to find out why rather than

@@ -57,14 +57,6 @@ def test_several_keys_are_exact_and_of_minimum_c_norm(stats):
     assert torch.trace(other @ c @ other.T) > torch.trace(update @ c @ update.T)
 
 
-def test_unspaced_prompt_glues_the_last_subject_slot():
-    unspaced = load("measure_paraphrase_levers").unspaced
-    few_shot = "Name: John. Gender: Male\nName: {}. Gender:"
-    assert unspaced(few_shot) == "Name: John. Gender: Male\nName:{}. Gender:"
-    with pytest.raises(ValueError, match="no ' {}'"):
-        unspaced("{} said that")
-
-
 def test_protected_metric_spares_the_other_names_but_not_the_edited_one(stats):
     from rome_edit.forms.protected_keys import ProtectedKeyBank
     from rome_edit.stats.inverse import InverseSecondMoment

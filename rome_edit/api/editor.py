@@ -33,7 +33,7 @@ from rome_edit.rome.hparams import ROMEHyperParams, UpdateForm
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
 from rome_edit.tracing.average import LocateResult, locate
-from rome_edit.weights.write import add_rank_one, check_record, restore, snapshot
+from rome_edit.weights.write import add_record, check_record, restore, snapshot
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -243,7 +243,7 @@ class Editor(Session):
         if isinstance(names, str):
             source, names = names, []
         bank = build_bank(self.lm, self.layer, prompt, list(names), self.context_templates,
-                          source, positions)
+                          source, positions, self._hparams.subject_forms)
         return Protection(bank, settings or ProtectSettings())
 
     def compute(self, requests: Sequence[EditRequest], protection: Protection | None = None
@@ -279,7 +279,7 @@ class Editor(Session):
 
         def write() -> None:
             for r in records:
-                add_rank_one(self.lm, r.layer, r.u, r.lam)
+                add_record(self.lm, r)
 
         return handle._write(write)
 

@@ -80,6 +80,7 @@ class LayerBanks:
     prompt: str
     names: Sequence[str]
     templates: Sequence[str]
+    forms: Sequence[str] = ()  # the edits' subject_forms: their keys are protected too
     seconds: float = 0.0  # spent computing keys
     _banks: dict[str, ProtectedKeyBank] = field(default_factory=dict)
 
@@ -88,7 +89,7 @@ class LayerBanks:
         if bank is None:
             t0 = time.perf_counter()
             bank = build_bank(self.lm, self.layer, self.prompt, self.names, self.templates,
-                              "other-names", recipe.positions)
+                              "other-names", recipe.positions, self.forms)
             self._banks[recipe.positions] = bank
             self.seconds += time.perf_counter() - t0
         return Protection(replace(bank, source=recipe.source), recipe.settings)

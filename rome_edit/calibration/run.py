@@ -242,7 +242,7 @@ def calibrate(
             log.info("candidate %s: efficacy %.3f, random specificity %s", cand.to_dict(),
                      rows[-1]["efficacy"], rows[-1]["specificity_random"])
         ranked = sorted(plain, key=lambda c: rank_key(rows[measured.index(c)]), reverse=True)
-        banks = LayerBanks(lm, layer, prompt, pool, templates)
+        banks = LayerBanks(lm, layer, prompt, pool, templates, base.subject_forms)
         for cand in grid.protected(ranked):
             assert cand.protect is not None
             bar.set_postfix(layer=layer, protect=cand.protect.label())

@@ -79,17 +79,22 @@ def setup_editor(args, workers: Workers = SINGLE, prompt: str | None = None,
     return ed
 
 
-def update_line(update_form: str, asked_update: str | None, protect: str | None) -> str:
+def update_line(update_form: str, asked_update: str | None, protect: str | None,
+                subject_forms: Sequence[str] = ()) -> str:
     """The one line ``edit``/``sweep`` print: which update they write and why.  Single edits
     and sweeps keep ROME's paper-form rank-one update by default (parity with Meng et al.
-    2022), where ``apply --persist`` defaults to a protected form."""
+    2022), where ``apply --persist`` defaults to a protected form; ``subject_forms`` (from the
+    hparams) make it one term per spelling of the subject."""
     protected = protect is not None
-    if asked_update is None and update_form == "paper" and not protected:
+    forms = (f", also at the subject's {' and '.join(subject_forms)} form(s) (the hparams' "
+             f"subject_forms: rank {1 + len(subject_forms)}, exact at each key)"
+             if subject_forms else "")
+    if asked_update is None and update_form == "paper" and not protected and not forms:
         return ("update: ROME's rank-one update, paper form, no protection (the default, as in "
                 "the paper; --protect other-names spares other names' keys, "
                 "docs/beyond-rome.md)")
     why = "--update" if asked_update is not None else "the hparams' update_form"
-    return (f"update: ROME's rank-one update, {update_form} form ({why}), "
+    return (f"update: ROME's rank-one update, {update_form} form ({why}){forms}, "
             + (f"protecting {protect}" if protected else "no protection"))
 
 
@@ -101,7 +106,8 @@ def run_edit(args: argparse.Namespace) -> int:
     skipped = skip_pool_protection(args, hp, None if args.hparams else preset_name(lm))
     if skipped:
         print(skipped)
-    print(update_line(hp.update_form, args.update, protect_label(args, hp)))
+    print(update_line(hp.update_form, args.update, protect_label(args, hp),
+                      hp.subject_forms))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()

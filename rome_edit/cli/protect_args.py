@@ -110,6 +110,7 @@ def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, 
     without either, or with ``--protect none``); ``pool``: the command's own subjects for
     other-names/same-last-token (``None``: none, ``--protect-names`` is then required)."""
     recipe = file_recipe(args, hparams)
+    forms = hparams.subject_forms if hparams is not None else ()
     if recipe is not None:
         if args.protect_names is not None:
             pool = read_names_file(args.protect_names)
@@ -117,7 +118,7 @@ def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, 
             raise ValueError(f"the hparams file protects {recipe.label()}, which chooses among "
                              "a pool of subjects, and this command has none; give "
                              "--protect-names FILE (one subject per line), or --protect none.")
-        return recipe.build(lm, layer, prompt, pool, context_templates)
+        return recipe.build(lm, layer, prompt, pool, context_templates, forms)
     if args.protect is None or args.protect == NO_PROTECTION:
         return None
     check_protect_pool(args, pool)
@@ -125,5 +126,5 @@ def protection_from_args(args: argparse.Namespace, lm: LoadedModel, layer: int, 
     if args.protect in SOURCES and args.protect_names is not None:
         pool = read_names_file(args.protect_names)
     bank = build_bank(lm, layer, prompt, list(pool or ()), context_templates, args.protect,
-                      args.protect_positions)
+                      args.protect_positions, forms)
     return Protection(bank, settings)

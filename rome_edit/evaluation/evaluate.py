@@ -40,7 +40,7 @@ from rome_edit.models.scoring import generate, next_token_logprobs
 from rome_edit.models.subject import fill, last_tokens
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
-from rome_edit.weights.write import applied, row_edits
+from rome_edit.weights.write import applied, row_edits, stacked_terms
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,7 @@ def evaluate_edits(
                        + [fill(f.prompt, q.subject) for f in kept])
             prompts += texts_j
             owner += [j] * len(texts_j)
-        u = torch.stack([r.u for r in part])
-        lam = torch.stack([r.lam for r in part])
+        u, lam = stacked_terms(part)
         idx = torch.tensor(owner)
         with row_edits(lm, part[0].layer, u[idx], lam[idx]):
             lp = next_token_logprobs(lm.model, lm.tokenizer, prompts, len(prompts))

@@ -15,7 +15,9 @@ A sweep directory holds
   batches in progress and never duplicates.  Data-parallel processes write disjoint shards.
 * after the last batch, the merged store: ``deltas.safetensors`` (tensor ``delta``, one row per
   request in the order of ``records.jsonl``, plus ``v_orig``, ``v_star``, ``k_star``, ``u``,
-  ``lam``), ``records.jsonl`` and ``summary.json``.
+  ``lam``), ``records.jsonl`` and ``summary.json``.  With the hparams' ``subject_forms``,
+  ``u`` and ``lam`` are each edit's own term only (the forms' keys, values and terms are not
+  stored; recompute them from ``sweep.json``'s hparams).
 """
 
 from __future__ import annotations

@@ -40,9 +40,16 @@ from rome_edit.forms.protect import ProtectedDirections, ProtectSettings
 from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import LoadedModel
 from rome_edit.models.subject import last_tokens
+from rome_edit.rome.context import (
+    check_subject_forms,
+    form_applies,
+    form_prompt,
+    form_templates,
+)
 from rome_edit.rome.key import key_stars, prompt_keys
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.solver import Solver
+from rome_edit.rome.update import combine_forms
 
 log = logging.getLogger(__name__)
 SOURCES = ("other-names", "same-last-token")
@@ -86,6 +93,7 @@ class ProtectedKeyBank:
     keys: torch.Tensor  # (rows, d_mlp) float32
     last_tokens: tuple[int, ...]
     positions: str = "last"
+    forms: tuple[str, ...] = ()  # other spellings of each subject protected too (subject_forms)
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
@@ -124,6 +132,8 @@ class ProtectedKeyBank:
                "names_sha256": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
         if self.positions != "last":  # records of last-token banks keep their old shape
             out.update(positions=self.positions, n_key_rows=len(rows))
+        if self.forms:
+            out["forms"] = list(self.forms)
         return out
 
 
@@ -142,6 +152,8 @@ class Protection:
                **self.settings.to_dict()}
         if self.bank.positions != "last":  # manifests of earlier sweeps stay resumable
             out["positions"] = self.bank.positions
+        if self.bank.forms:
+            out["forms"] = list(self.bank.forms)
         return out
 
     @property
@@ -151,11 +163,13 @@ class Protection:
 
 
 def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
-               context_templates: Sequence[str], source: str, positions: str = "last"
-               ) -> ProtectedKeyBank:
+               context_templates: Sequence[str], source: str, positions: str = "last",
+               forms: Sequence[str] = ()) -> ProtectedKeyBank:
     """Keys of ``names`` for ``--protect source`` (a source of :data:`SOURCES`, or a file whose
     names replace ``names``); ``positions="all"`` adds every prompt token's key, scaled by
-    ``1/√T`` (see the module docstring)."""
+    ``1/√T`` (see the module docstring).  ``forms`` (an edit's ``subject_forms``) adds the same
+    keys on the prompt in each form (:mod:`rome_edit.rome.context`), since such an edit writes
+    there too; a form's rows carry that form's last token."""
     if positions not in POSITIONS:
         raise ValueError(f"unknown protected positions {positions!r}; use one of "
                          f"{list(POSITIONS)}.")
@@ -166,16 +180,25 @@ def build_bank(lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
     if not names:
         raise ParameterError("there are no names to protect; pass a names list, or a file of "
                              "names as the source.", parameters=("protect",))
-    keys = key_stars(lm, layer, [prompt] * len(names), names, context_templates)
-    lasts = subject_last_tokens(lm, prompt, names)
-    owners, owner_lasts, rows = list(names), list(lasts), [keys]
-    if positions == "all":
-        for name, last, tokens in zip(names, lasts, prompt_keys(lm, layer, prompt, names)):
-            rows.append(tokens / len(tokens) ** 0.5)
-            owners += [name] * len(tokens)
-            owner_lasts += [last] * len(tokens)
+    forms = tuple(f for f in check_subject_forms(forms)
+                  if form_applies(prompt, f, context_templates))
+    owners: list[str] = []
+    owner_lasts: list[int] = []
+    rows: list[torch.Tensor] = []
+    for form in (None, *forms):
+        text = prompt if form is None else form_prompt(prompt, form)
+        templates = context_templates if form is None else form_templates(context_templates, form)
+        lasts = subject_last_tokens(lm, text, names)
+        rows.append(key_stars(lm, layer, [text] * len(names), names, templates))
+        owners += names
+        owner_lasts += lasts
+        if positions == "all":
+            for name, last, tokens in zip(names, lasts, prompt_keys(lm, layer, text, names)):
+                rows.append(tokens / len(tokens) ** 0.5)
+                owners += [name] * len(tokens)
+                owner_lasts += [last] * len(tokens)
     return ProtectedKeyBank(source, prompt, layer, tuple(owners), torch.cat(rows),
-                            tuple(owner_lasts), positions)
+                            tuple(owner_lasts), positions, forms)
 
 
 def subject_last_tokens(lm: LoadedModel, prompt: str, subjects: Sequence[str]) -> list[int]:
@@ -233,8 +256,12 @@ def protect_records(lm: LoadedModel, records: Sequence[EditRecord], protection: 
     for i, (r, tok) in enumerate(zip(records, toks)):
         rows = bank.select(r.request.subject, tok, exclude)
         u = dirs.direction(r.k_star, rows)
-        out.append(replace(r, u=u, lam=residual[i].clone(),
-                           protection=bank.describe(rows, protection.settings)))
+        described = replace(r, protection=bank.describe(rows, protection.settings))
+        if r.forms:  # every form's key under the same protection, one update exact at all
+            out.append(combine_forms(lm, described, r.forms, torch.stack(
+                [u, *(dirs.direction(f.k_star, rows) for f in r.forms)])))
+        else:
+            out.append(replace(described, u=u, lam=residual[i].clone()))
     seconds = (time.perf_counter() - t0) / len(records)
     return [replace(r, timings={**r.timings, "protect_s": seconds,
                                 "total_s": r.timings.get("total_s", 0.0) + seconds})

@@ -92,10 +92,11 @@ class ProtectRecipe:
         return None if data is None else cls.from_dict(data)
 
     def build(self, lm: LoadedModel, layer: int, prompt: str, names: Sequence[str],
-              context_templates: Sequence[str]) -> Protection:
-        """The protected keys of ``names`` at ``layer`` on ``prompt`` (as ``--protect``)."""
+              context_templates: Sequence[str], forms: Sequence[str] = ()) -> Protection:
+        """The protected keys of ``names`` at ``layer`` on ``prompt`` (as ``--protect``), in
+        each of the edit's subject ``forms`` too."""
         bank = build_bank(lm, layer, prompt, list(names), context_templates, self.source,
-                          self.positions)
+                          self.positions, forms)
         return Protection(bank, self.settings)
 
 

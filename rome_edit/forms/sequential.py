@@ -16,7 +16,7 @@ from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.record import EditRecord
 from rome_edit.rome.request import EditRequest
 from rome_edit.rome.solver import SolverWithProvenance
-from rome_edit.weights.write import add_rank_one
+from rome_edit.weights.write import add_record
 
 __all__ = ["edit_sequentially"]
 
@@ -32,6 +32,6 @@ def edit_sequentially(
     records = []
     for req in requests:
         (record,) = compute_edits(lm, [req], hp, context_templates, inverse, progress=False)
-        add_rank_one(lm, record.layer, record.u, record.lam)
+        add_record(lm, record)
         records.append(record)
     return records

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -19,14 +20,15 @@ from rome_edit.models.architectures import check_editable, check_layer, mlp_widt
 from rome_edit.models.identity import check_same_model
 from rome_edit.models.layers import layer_output
 from rome_edit.models.loading import LoadedModel
+from rome_edit.rome.context import form_applies, form_prompt, form_templates
 from rome_edit.rome.hparams import ROMEHyperParams
 from rome_edit.rome.key import key_stars, keys_and_values
-from rome_edit.rome.record import EditRecord
+from rome_edit.rome.record import EditRecord, FormWrite
 from rome_edit.rome.request import EditRequest
 
 # SecondMomentInverse (deprecated) and Solver stay importable from here, their pre-0.3 home.
 from rome_edit.rome.solver import SecondMomentInverse, Solver, SolverWithProvenance
-from rome_edit.rome.update import rank_one_update
+from rome_edit.rome.update import combine_forms, rank_one_update
 from rome_edit.rome.value_batched import optimise_values
 from rome_edit.rome.value_loop import EARLY_STOP_LOSS, loss_layer_of
 from rome_edit.rome.value_reference import optimise_value
@@ -128,5 +130,36 @@ def compute_edits(
             context_templates=tuple(context_templates),
             attn_implementation=lm.attn_implementation,
         ))
+    if hp.subject_forms:
+        records = _with_forms(lm, requests, records, hp, context_templates, inverse, engine,
+                              chunk_size, progress, early_stop_loss)
     return records
 
+
+def _with_forms(lm: LoadedModel, requests: Sequence[EditRequest], records: list[EditRecord],
+                hp: ROMEHyperParams, context_templates: Sequence[str],
+                inverse: SolverWithProvenance | None, engine: Engine, chunk_size: int,
+                progress: bool, early_stop_loss: float) -> list[EditRecord]:
+    """Each record also written at ``hp.subject_forms`` (:mod:`rome_edit.rome.context`): every
+    form's key and value computed as ROME computes the edit's own, one update exact at all."""
+    t0 = time.perf_counter()
+    one_key = replace(hp, subject_forms=())
+    writes: list[list[FormWrite]] = [[] for _ in requests]
+    for form in hp.subject_forms:
+        which = [i for i, r in enumerate(requests)
+                 if form_applies(r.prompt, form, context_templates)]
+        if not which:
+            continue
+        parts = compute_edits(lm, [replace(requests[i], prompt=form_prompt(requests[i].prompt,
+                                                                            form))
+                                   for i in which], one_key,
+                              form_templates(context_templates, form), inverse, engine,
+                              chunk_size, progress, early_stop_loss)
+        for i, p in zip(which, parts):
+            writes[i].append(FormWrite(form, p.request.prompt, p.k_star, p.v_orig, p.v_star,
+                                       p.u, p.lam))
+    out = [combine_forms(lm, rec, w, torch.stack([rec.u, *(f.u for f in w)])) if w else rec
+           for rec, w in zip(records, writes)]
+    seconds = (time.perf_counter() - t0) / len(records)
+    return [replace(r, timings={**r.timings, "forms_s": seconds,
+                                "total_s": r.timings["total_s"] + seconds}) for r in out]

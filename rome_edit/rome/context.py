@@ -1,10 +1,26 @@
-"""Context templates: the prefixes under which ROME averages the key and fits the value.
+"""The texts an edit is computed on: context templates, and the subject's other spellings.
 
+**Context templates** are the prefixes under which ROME averages the key and fits the value.
 The reference samples them once per process from the model itself — ``"{}"`` plus, for each
 ``(length, count)`` in ``context_template_length_params``, ``count`` texts of ``length`` tokens
 (counting the start-of-text token they are sampled from) by top-5 sampling, each followed by
 ``". {}"``.  rome-edit makes them reproducible (a seed) and injectable (a JSON list), and escapes
 braces in sampled text (``{`` → ``{{``) where the reference crashes on them.
+
+**Subject forms** (rome-edit option ``subject_forms``) are other spellings of the subject that
+an edit is also written at (the update: :func:`rome_edit.rome.update.combine_forms`).  ROME
+reads the subject's key in the edit prompt, after the context templates (Meng et al. 2022,
+Eq. 3), so the layer learns the new value for the subject as it is spelled *there*.  A
+byte-level BPE tokenizer spells a word differently after a space (`` Mary``) and where it opens
+a text or follows a newline (``Mary``), and a model whose tokenizer adds no start token reads a
+subject that opens the text as the sequence's first token: other keys, which a one-key edit
+barely reaches (docs/real-model.md).  Each form's key and value are ROME's own steps on the
+prompt in that form:
+
+* ``unspaced`` — the edit prompt with the space before the subject removed (``Name:{}``): the
+  same context, the subject's bare spelling (skipped for a prompt that opens with the subject);
+* ``text-start`` — the edit prompt from the subject on (``{}. Gender:``), asked with no context
+  template, so the subject opens the text.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from rome_edit.models.loading import LoadedModel
 from rome_edit.models.subject import split_template
 
 log = logging.getLogger(__name__)
+SUBJECT_FORMS: tuple[str, ...] = ("unspaced", "text-start")
 
 
 def escape_braces(text: str) -> str:
@@ -91,3 +108,44 @@ def compose(context: str, prompt: str) -> str:
     # The result is again a template (the prompt's "{}" awaits the subject), so the context's
     # literal braces stay escaped.
     return escape_braces(prefix) + prompt + escape_braces(suffix)
+
+
+def check_subject_forms(forms: Sequence[str]) -> tuple[str, ...]:
+    """``forms`` as a tuple, each known and listed once (else a ParameterError naming them)."""
+    forms = tuple(forms)
+    unknown = [f for f in forms if f not in SUBJECT_FORMS]
+    if unknown or len(set(forms)) != len(forms):
+        raise ParameterError(f"subject_forms {list(forms)}: each form once, among "
+                             f"{list(SUBJECT_FORMS)} (the in-context form is always written).",
+                             parameters=("subject_forms",))
+    return forms
+
+
+def form_applies(prompt: str, form: str, context_templates: Sequence[str] = ()) -> bool:
+    """Whether ``prompt`` has a ``form`` other than its own, so an edit writes it: ``unspaced``
+    needs a space before the subject (``{} is located in`` has none); ``text-start`` is the
+    edit's own key when the prompt opens with the subject and every context template is
+    ``{}``.  An edit skips the forms that do not apply to its prompt."""
+    if form == "unspaced":
+        return " {}" in prompt
+    return not (prompt.startswith("{}") and all(t == "{}" for t in context_templates))
+
+
+def form_prompt(prompt: str, form: str) -> str:
+    """The edit prompt as ``form`` reads the subject (see the module docstring)."""
+    if form == "unspaced":
+        if " {}" not in prompt:
+            raise ParameterError(f"prompt {prompt!r} has no space before '{{}}', so its subject "
+                                 "is already unspaced; drop 'unspaced' from subject_forms.",
+                                 parameters=("subject_forms",))
+        return prompt.replace(" {}", "{}")
+    if form == "text-start":
+        return "{}" + prompt.split("{}", 1)[1]
+    check_subject_forms([form])
+    raise AssertionError(form)  # unreachable: check_subject_forms raised
+
+
+def form_templates(context_templates: Sequence[str], form: str) -> list[str]:
+    """The context templates a form is optimised under: none for ``text-start`` (the subject
+    must open the text), the edit's own for the others."""
+    return ["{}"] if form == "text-start" else list(context_templates)

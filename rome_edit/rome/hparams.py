@@ -1,9 +1,9 @@
 """ROME hyperparameters in the reference implementation's flat JSON format.
 
 The reference keeps one flat JSON object per model (``hparams/ROME/gpt-j-6B.json``); researchers
-have such files, so :class:`ROMEHyperParams` reads and writes exactly those keys.  Two settings
-that the reference does not have are rome-edit options with documented names and
-reference-faithful defaults: ``update_form`` and ``mom2_ridge``.
+have such files, so :class:`ROMEHyperParams` reads and writes exactly those keys.  Three
+settings that the reference does not have are rome-edit options with documented names and
+reference-faithful defaults: ``update_form``, ``mom2_ridge`` and ``subject_forms``.
 
 The reference file's module-path keys (``rewrite_module_tmp``, ``layer_module_tmp``,
 ``mlp_module_tmp``, ``attn_module_tmp``, ``ln_f_module``, ``lm_head_module``) are kept as read,
@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+
+from rome_edit.rome.context import check_subject_forms
 
 UpdateForm = Literal["paper", "rome-reference"]
 
@@ -34,6 +36,9 @@ class ROMEHyperParams:
     ``v*``; ``rome-reference`` reproduces the reference code (``u`` normalised, ``Λ`` solved at
     the bare prompt's key ``k(s)``).  ``mom2_ridge`` (rome-edit option, default 0) adds
     ``λ·mean(diag C)·I`` to ``C`` before solving, for ill-conditioned statistics.
+    ``subject_forms`` (rome-edit option, default none): other spellings of the subject to write
+    the edit at too — ``unspaced``, ``text-start`` (:mod:`rome_edit.rome.context`); written to a
+    file only when set, so reference files round-trip.
     """
 
     layers: tuple[int, ...] = (5,)
@@ -51,6 +56,7 @@ class ROMEHyperParams:
     mom2_dtype: str = "float32"
     update_form: UpdateForm = "paper"
     mom2_ridge: float = 0.0
+    subject_forms: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +74,10 @@ class ROMEHyperParams:
             raise ValueError("v_num_grad_steps must be ≥ 1 and v_lr, clamp_norm_factor > 0.")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"mom2_dtype {self.mom2_dtype!r}: use 'float32' or 'float64'.")
+        object.__setattr__(self, "subject_forms", check_subject_forms(self.subject_forms))
+        if self.subject_forms and self.update_form != "paper":
+            raise ValueError("subject_forms map every form's key to its value, which the paper "
+                             "form does; set update_form to 'paper' or drop subject_forms.")
 
     @property
     def layer(self) -> int:
@@ -83,6 +93,10 @@ class ROMEHyperParams:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("extra")
+        if self.subject_forms:
+            data["subject_forms"] = list(self.subject_forms)
+        else:
+            data.pop("subject_forms")
         data["layers"] = list(self.layers)
         data["context_template_length_params"] = [list(p) for p in
                                                   self.context_template_length_params]

@@ -14,6 +14,22 @@ from rome_edit.errors import MissingFileError
 from rome_edit.rome.request import EditRequest
 
 TENSOR_NAMES = ("k_star", "v_orig", "v_star", "delta", "u", "lam")
+FORM_TENSOR_NAMES = ("k_star", "v_orig", "v_star", "u", "lam")
+
+
+@dataclass(frozen=True)
+class FormWrite:
+    """The part of an edit written at another surface form of its subject
+    (:mod:`rome_edit.rome.context`): the form, the prompt it was optimised on, its key and values
+    and its rank-one term ``lam ⊗ u`` (``u`` is zero at every other form's key)."""
+
+    form: str
+    prompt: str
+    k_star: torch.Tensor
+    v_orig: torch.Tensor
+    v_star: torch.Tensor
+    u: torch.Tensor
+    lam: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,10 @@ class EditRecord:
     * ``v_orig``, ``v_star``, ``delta``: ``(d_model,)`` the value before, the value written
       and their difference ``delta = v_star − v_orig``;
     * ``u``: ``(d_mlp,)`` and ``lam``: ``(d_model,)``, the rank-one update's two factors.
+
+    With the hparams' ``subject_forms`` the update has one more term per form
+    (:class:`FormWrite` in ``forms``; :meth:`terms` stacks them all); ``delta`` stays the
+    edit's own.
     """
 
     request: EditRequest
@@ -50,11 +70,25 @@ class EditRecord:
     # Protected keys (rome_edit.forms.protected_keys): source, form, parameters, which names;
     # None for an unprotected edit and in records written before protection existed.
     protection: dict[str, Any] | None = None
+    # The other surface forms written with this edit (hparams ``subject_forms``); () for a
+    # one-key edit and in records written before the option existed.
+    forms: tuple[FormWrite, ...] = ()
+
+    def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update as rank-one terms: ``U`` ``(T, d_mlp)`` and ``Λ`` ``(T, d_model)``, the edit's
+        own first; ``ΔW = Σ_t Λ_t U_tᵀ``."""
+        return (torch.stack([self.u, *(f.u for f in self.forms)]),
+                torch.stack([self.lam, *(f.lam for f in self.forms)]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The six tensors by name (``k_star`` … ``lam``), as detached float32 CPU copies."""
-        return {name: getattr(self, name).detach().float().cpu().clone()
-                for name in TENSOR_NAMES}
+        """The six tensors by name (``k_star`` … ``lam``), and each form's as ``form{i}.k_star``
+        …, as detached float32 CPU copies."""
+        out = {name: getattr(self, name).detach().float().cpu().clone()
+               for name in TENSOR_NAMES}
+        for i, f in enumerate(self.forms):
+            out.update({f"form{i}.{name}": getattr(f, name).detach().float().cpu().clone()
+                        for name in FORM_TENSOR_NAMES})
+        return out
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -63,6 +97,8 @@ class EditRecord:
             "stats": self.stats, "losses": list(self.losses), "probs": self.probs,
             "timings": self.timings, "context_templates": list(self.context_templates),
             "attn_implementation": self.attn_implementation, "protection": self.protection,
+            **({"forms": [{"form": f.form, "prompt": f.prompt} for f in self.forms]}
+               if self.forms else {}),
             "delta_norm": float(self.delta.norm()), "v_orig_norm": float(self.v_orig.norm()),
         }
 
@@ -88,6 +124,7 @@ class EditRecord:
             context_templates=tuple(meta.get("context_templates", ())),
             attn_implementation=meta.get("attn_implementation"),
             protection=meta.get("protection"),
+            forms=tuple(_form_write(i, f, tensors) for i, f in enumerate(meta.get("forms", ()))),
             **{n: tensors[n] for n in TENSOR_NAMES},
         )
 
@@ -105,3 +142,12 @@ class EditRecord:
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{tensor_file} is not a valid safetensors file ({err}).") from None
         return cls.from_parts(json.loads(meta_file.read_text()), tensors)
+
+
+def _form_write(i: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FormWrite:
+    missing = [f"form{i}.{n}" for n in FORM_TENSOR_NAMES if f"form{i}.{n}" not in tensors]
+    if missing:
+        raise ValueError(f"record tensors {missing} are missing; the file is not an edit record "
+                         "written by rome-edit.")
+    return FormWrite(meta["form"], meta["prompt"],
+                     **{n: tensors[f"form{i}.{n}"] for n in FORM_TENSOR_NAMES})

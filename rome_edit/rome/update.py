@@ -10,18 +10,29 @@ Two documented forms (``ROMEHyperParams.update_form``):
   layer maps ``k(s)`` — not ``k*`` — to ``v*`` (the mismatch r-ROME, Gupta et al. 2024, blamed
   for collapse under sequential edits).
 
+With ``subject_forms`` (:mod:`rome_edit.rome.context`) the edit is written at several keys at
+once — Eq. 2 with several keys, the ``ΔW`` of least ``tr(ΔW C ΔWᵀ)`` with ``ΔW k_f = r_f =
+v*_f − (W k_f + b)`` for every form: ``ΔW = Σ_f r_f u_fᵀ`` with ``u_fᵀ k_g = [f = g]``
+(:func:`combine_forms`).  With ``ũ_f = P k_f`` the one-key direction of the update's metric
+``P`` (``C⁻¹`` for the paper form; a protected form's own for protected updates),
+``U = (Ũ Kᵀ)⁻¹ Ũ`` (:func:`joint_directions`), whatever scale each ``ũ_f`` had.
+
 Without ``mom2_adjustment`` ``C`` is the identity.  Weights stored transposed (GPT-2's Conv1D)
 receive ``u Λᵀ``.  The update is computed in float32 and cast to the weight's dtype.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from rome_edit.errors import ParameterError
+from rome_edit.models.layers import layer_output
+from rome_edit.models.loading import LoadedModel
 from rome_edit.rome.hparams import UpdateForm
+from rome_edit.rome.record import EditRecord, FormWrite
 
 
 @dataclass(frozen=True)
@@ -66,3 +77,34 @@ def rank_one_update(
                              "statistics or give a ridge (hyperparameter mom2_ridge).",
                              parameters=("mom2_ridge",))
     return RankOneUpdate(u, lam)
+
+
+def joint_directions(directions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Rows ``u_f`` with ``u_fᵀ k_g = [f = g]`` in the span of the one-key ``directions``.
+
+    ``directions`` and ``keys`` are ``(F, d_mlp)``: row ``f`` of ``directions`` is any multiple
+    of ``P k_f``.  Returns ``(Ũ Kᵀ)⁻¹ Ũ`` (float32, computed in float64).  A near-singular
+    ``Ũ Kᵀ`` (two forms with the same key) is refused.
+    """
+    u = directions.double()
+    gram = u @ keys.double().T
+    cond = torch.linalg.cond(gram).item()
+    if not torch.isfinite(torch.tensor(cond)) or cond > 1e10:
+        raise ParameterError(f"the subject forms' keys are nearly the same (condition {cond:.1e})"
+                             "; drop the form that repeats another from subject_forms.",
+                             parameters=("subject_forms",))
+    return torch.linalg.solve(gram, u).float()
+
+
+def combine_forms(lm: LoadedModel, record: EditRecord, forms: Sequence[FormWrite],
+                  directions: torch.Tensor) -> EditRecord:
+    """``record`` written at its own key and at each form's: rank-one terms ``r_f u_fᵀ`` with
+    ``u_fᵀ k_g = [f = g]`` (:func:`joint_directions` of ``directions``,
+    one row per key, the record's first) and ``r_f = v*_f − (W k_f + b)`` against the current
+    weights.  Paper-form records only; ``forms``' own ``u``/``lam`` are replaced."""
+    keys = torch.stack([record.k_star, *(f.k_star for f in forms)]).float()
+    u = joint_directions(directions, keys)
+    residuals = torch.stack([record.v_star, *(f.v_star for f in forms)]).float() \
+        - layer_output(lm, record.layer, keys)
+    writes = tuple(replace(f, u=u[i + 1], lam=residuals[i + 1]) for i, f in enumerate(forms))
+    return replace(record, u=u[0], lam=residuals[0], forms=writes)

@@ -48,7 +48,13 @@ def check_record(lm: LoadedModel, record: EditRecord, strict_identity: bool = Tr
         check_same_model(lm, record.model_identity, "the record",
                          "load the model the record was made on (or pass "
                          "strict_identity=False deliberately).")
-    if not (torch.isfinite(record.u).all() and torch.isfinite(record.lam).all()):
+    u, lam = record.terms()
+    if u.shape[1:] != (d_mlp,) or lam.shape[1:] != (d_model,):
+        raise ValueError(f"record for {record.request.subject!r} has a subject form of widths "
+                         f"u={tuple(u.shape[1:])}, Λ={tuple(lam.shape[1:])} but layer "
+                         f"{record.layer} needs ({d_mlp},), ({d_model},); it was made for "
+                         "another model.")
+    if not (torch.isfinite(u).all() and torch.isfinite(lam).all()):
         raise ValueError("record contains NaN/Inf; recompute the edit.")
 
 
@@ -75,6 +81,14 @@ def subtract_rank_one(lm: LoadedModel, layer: int, u: torch.Tensor, lam: torch.T
     """``W ← W − Λ uᵀ`` (float32 arithmetic, like writing it): undoes :func:`add_rank_one` up
     to one rounding of the sum (for the exact bits, :func:`restore` a :func:`snapshot`)."""
     _add_to_weight(lm, layer, torch.outer(lam.float(), u.float()), -1)
+
+
+@torch.no_grad()
+def add_record(lm: LoadedModel, record: EditRecord) -> None:
+    """``W ← W + Σ_t Λ_t u_tᵀ``: a record's update, every subject form's term included
+    (:meth:`EditRecord.terms`; one term for a one-key edit, written as :func:`add_rank_one`)."""
+    u, lam = record.terms()
+    _add_to_weight(lm, record.layer, lam.float().T @ u.float(), +1)
 
 
 @torch.no_grad()
@@ -112,7 +126,7 @@ def apply_records(lm: LoadedModel, records: Sequence[EditRecord],
     for record in records:  # validate all first, so a bad record changes nothing
         check_record(lm, record, strict_identity)
     for record in records:
-        add_rank_one(lm, record.layer, record.u, record.lam)
+        add_record(lm, record)
 
 
 @contextmanager
@@ -136,6 +150,20 @@ def preserved(lm: LoadedModel, layers: Sequence[int]) -> Iterator[LoadedModel]:
         restore(lm, saved)
 
 
+def stacked_terms(records: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every record's :meth:`~EditRecord.terms` as ``(rows, T, ·)`` for :func:`row_edits`, padded
+    with zero terms to the most any record has; ``(rows, ·)`` when each has one term."""
+    terms = [r.terms() for r in records]
+    most = max(len(u) for u, _ in terms)
+    if most == 1:
+        return torch.stack([u[0] for u, _ in terms]), torch.stack([lam[0] for _, lam in terms])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(most - len(t), t.shape[1])])
+
+    return (torch.stack([pad(u) for u, _ in terms]), torch.stack([pad(lam) for _, lam in terms]))
+
+
 @contextmanager
 def row_edits(lm: LoadedModel, layer: int, u_rows: torch.Tensor,
               lam_rows: torch.Tensor) -> Iterator[None]:
@@ -144,14 +172,18 @@ def row_edits(lm: LoadedModel, layer: int, u_rows: torch.Tensor,
     ``(W + Λ_r u_rᵀ) k = W k + Λ_r (u_rᵀ k)``, so adding ``Λ_r (u_rᵀ k)`` to the output
     projection's output at every position of row ``r`` is that edit's forward function; many
     edits are evaluated in one batch with no weight written (exact up to float rounding).
+    ``u_rows``/``lam_rows`` may also be ``(rows, T, ·)``: row ``r``'s edit is then
+    ``Σ_t Λ_rt u_rtᵀ`` (a record with subject forms, :meth:`EditRecord.terms`).
     """
     dev = edit_device(lm.model, lm.arch, layer)  # where that layer's keys are computed
     u_dev = u_rows.float().to(dev)
     lam_dev = lam_rows.float().to(dev)
+    if u_dev.dim() == 2:
+        u_dev, lam_dev = u_dev[:, None], lam_dev[:, None]
 
     def add(keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        coeff = (keys.float() * u_dev[:, None, :]).sum(-1)
-        return hidden + (coeff[..., None] * lam_dev[:, None, :]).to(hidden.dtype)
+        coeff = torch.einsum("rpd,rtd->rpt", keys.float(), u_dev)
+        return hidden + torch.einsum("rpt,rtm->rpm", coeff, lam_dev).to(hidden.dtype)
 
     with edit_from_input(lm.model, {lm.arch.out_proj.format(layer): add}):
         yield

@@ -74,7 +74,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         if args.limit is not None:
             names = names[: args.limit]
         if workers.is_main:
-            print(update_line(hp.update_form, args.update, protect_label(args, hp)), flush=True)
+            print(update_line(hp.update_form, args.update, protect_label(args, hp),
+                              hp.subject_forms), flush=True)
         protection = protection_from_args(args, lm, hp.layer, prompt,
                                           [e.name for e in neighbours], templates, hp)
         summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
