@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure_paraphrase_position import answers_of, first_of_each_gender, sweep_arguments  # noqa: E402
+from measure_paraphrase_position import answers_of, read_sweep, sweep_arguments  # noqa: E402
 
 from rome_edit import Editor  # noqa: E402
 from rome_edit.models.scoring import next_token_logprobs  # noqa: E402
@@ -59,13 +59,11 @@ def city_of(ed: Editor, names: list[str], template: str) -> list[int]:
 
 
 def main() -> int:
-    ap = sweep_arguments(__doc__.split("\n\n")[0])
+    ap = sweep_arguments(__doc__.split("\n\n")[0], random_names=False)
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args()
-    manifest = json.loads((args.sweep / "sweep.json").read_text())
+    manifest, _, picked = read_sweep(args.sweep, args.n)
     prompt = manifest["prompt"]
-    records = [json.loads(line) for line in (args.sweep / "records.jsonl").open()]
-    picked = first_of_each_gender(records, args.n)
     names = [r["subject"] for r in picked]
     new = ["male" if r["gender"] == "female" else "female" for r in picked]
     ed = Editor.from_sweep(args.sweep, args.model, progress=False)

@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure_paraphrase_position import (  # noqa: E402
     answers_of,
-    first_of_each_gender,
     rank_two_update,
+    read_sweep,
     sweep_arguments,
 )
 
@@ -249,10 +249,8 @@ def main() -> int:
     ap = sweep_arguments(__doc__.split("\n\n")[0])
     ap.add_argument("--passes", nargs="*", default=list(PASSES), choices=list(PASSES))
     args = ap.parse_args()
-    manifest = json.loads((args.sweep / "sweep.json").read_text())
+    manifest, records, picked = read_sweep(args.sweep, args.n)
     prompt = manifest["prompt"]
-    records = [json.loads(line) for line in (args.sweep / "records.jsonl").open()]
-    picked = first_of_each_gender(records, args.n)
     for r in picked:
         r["target_gender"] = "male" if r["gender"] == "female" else "female"
     names = [r["subject"] for r in picked]

@@ -105,14 +105,16 @@ def table_of(questions: dict, before: dict, after: dict, genders: list[str], sta
     return table
 
 
-def sweep_arguments(description: str) -> argparse.ArgumentParser:
-    """The arguments both paraphrase diagnostics take (this script and
-    ``measure_paraphrase_levers.py``)."""
+def sweep_arguments(description: str, random_names: bool = True) -> argparse.ArgumentParser:
+    """The arguments the paraphrase diagnostics take (this script,
+    ``measure_paraphrase_levers.py``, ``measure_forms_city.py``; ``--n-random`` where the
+    script checks random other names)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--sweep", type=Path, required=True)
     ap.add_argument("--model", default="smollm2-135m-gguf")
     ap.add_argument("--n", type=int, default=64, help="names, half female and half male")
-    ap.add_argument("--n-random", type=int, default=5, help="random other names per edit")
+    if random_names:
+        ap.add_argument("--n-random", type=int, default=5, help="random other names per edit")
     ap.add_argument("--out", type=Path, required=True)
     return ap
 
@@ -123,14 +125,20 @@ def first_of_each_gender(records: list[dict], n: int) -> list[dict]:
         [r for r in records if r["gender"] == "male"][: n // 2]
 
 
+def read_sweep(sweep: Path, n: int) -> tuple[dict, list[dict], list[dict]]:
+    """A recorded sweep's manifest, its records, and the ``n`` of them to edit
+    (:func:`first_of_each_gender`)."""
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    records = [json.loads(line) for line in (sweep / "records.jsonl").open()]
+    return manifest, records, first_of_each_gender(records, n)
+
+
 def main() -> int:
     args = sweep_arguments(__doc__.split("\n\n")[0]).parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
-    manifest = json.loads((args.sweep / "sweep.json").read_text())
+    manifest, records, picked = read_sweep(args.sweep, args.n)
     prompt = manifest["prompt"]
-    records = [json.loads(line) for line in (args.sweep / "records.jsonl").open()]
-    picked = first_of_each_gender(records, args.n)
     names = [r["subject"] for r in picked]
     pool = [r["subject"] for r in records if r["subject"] not in set(names)]
     ed = Editor.from_sweep(args.sweep, args.model, progress=False)

@@ -198,3 +198,11 @@ def test_forms_that_do_not_apply_to_a_prompt_are_skipped(tiny_gptj):
     assert alone.forms == () and alone.terms()[0].shape[0] == 1
     bank = build_bank(lm, 1, "{} lives in", ["Anna"], CTX, "other-names", forms=FORMS)
     assert bank.forms == ("text-start",)
+
+
+def test_the_commands_say_when_an_edit_writes_the_subject_forms():
+    from rome_edit.cli.commands_edit import update_line
+
+    assert "subject_forms" not in update_line("paper", None, None)
+    line = update_line("paper", None, "other-names", FORMS)
+    assert "unspaced and text-start" in line and "rank 3" in line and "protecting" in line

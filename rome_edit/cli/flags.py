@@ -24,6 +24,7 @@ FLAGS: dict[str, str | None] = {
     "mom2_adjustment": "mom2_adjustment in the --hparams file",
     "mom2_n_samples": "mom2_n_samples in the --hparams file",
     "mom2_ridge": "mom2_ridge in the --hparams file",
+    "subject_forms": "subject_forms in the --hparams file",
     # model and edit
     "model": "--model",
     "layer": "--layer",
