@@ -49,6 +49,8 @@ def test_form_prompts_and_templates():
     assert form_prompt(PROMPT, "text-start") == "{}. Gender:"
     assert form_prompt("{} said that", "text-start") == "{} said that"
     assert form_templates(CTX, "text-start") == ["{}"] and form_templates(CTX, "unspaced") == CTX
+    assert form_prompt("Tag {{x}}: {}. Gender {{y}}:", "unspaced") == "Tag {{x}}:{}. Gender {{y}}:"
+    assert form_prompt("Tag {{x}}: {}. Gender {{y}}:", "text-start") == "{}. Gender {{y}}:"
     with pytest.raises(ParameterError, match="already unspaced"):
         form_prompt("{} said that", "unspaced")
 

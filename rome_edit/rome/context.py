@@ -126,23 +126,24 @@ def form_applies(prompt: str, form: str, context_templates: Sequence[str] = ()) 
     needs a space before the subject (``{} is located in`` has none); ``text-start`` is the
     edit's own key when the prompt opens with the subject and every context template is
     ``{}``.  An edit skips the forms that do not apply to its prompt."""
+    prefix, _ = split_template(prompt)
     if form == "unspaced":
-        return " {}" in prompt
-    return not (prompt.startswith("{}") and all(t == "{}" for t in context_templates))
+        return prefix.endswith(" ")
+    return not (prefix == "" and all(t == "{}" for t in context_templates))
 
 
 def form_prompt(prompt: str, form: str) -> str:
-    """The edit prompt as ``form`` reads the subject (see the module docstring)."""
-    if form == "unspaced":
-        if " {}" not in prompt:
-            raise ParameterError(f"prompt {prompt!r} has no space before '{{}}', so its subject "
-                                 "is already unspaced; drop 'unspaced' from subject_forms.",
-                                 parameters=("subject_forms",))
-        return prompt.replace(" {}", "{}")
-    if form == "text-start":
-        return "{}" + prompt.split("{}", 1)[1]
+    """The edit prompt as ``form`` reads the subject (see the module docstring); literal braces
+    stay escaped."""
     check_subject_forms([form])
-    raise AssertionError(form)  # unreachable: check_subject_forms raised
+    prefix, suffix = split_template(prompt)
+    if form == "text-start":
+        return "{}" + escape_braces(suffix)
+    if not prefix.endswith(" "):
+        raise ParameterError(f"prompt {prompt!r} has no space before '{{}}', so its subject is "
+                             "already unspaced; drop 'unspaced' from subject_forms.",
+                             parameters=("subject_forms",))
+    return escape_braces(prefix[:-1]) + "{}" + escape_braces(suffix)
 
 
 def form_templates(context_templates: Sequence[str], form: str) -> list[str]:

@@ -23,6 +23,7 @@ receive ``u Λᵀ``.  The update is computed in float32 and cast to the weight's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -89,7 +90,7 @@ def joint_directions(directions: torch.Tensor, keys: torch.Tensor) -> torch.Tens
     u = directions.double()
     gram = u @ keys.double().T
     cond = torch.linalg.cond(gram).item()
-    if not torch.isfinite(torch.tensor(cond)) or cond > 1e10:
+    if not math.isfinite(cond) or cond > 1e10:
         raise ParameterError(f"the subject forms' keys are nearly the same (condition {cond:.1e})"
                              "; drop the form that repeats another from subject_forms.",
                              parameters=("subject_forms",))
