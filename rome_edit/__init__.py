@@ -38,6 +38,7 @@ _EXPORTS = {
     "Applied": "rome_edit.api.editor",
     "EditRequest": "rome_edit.rome.request",
     "Paraphrase": "rome_edit.rome.request",
+    "FitPhrasing": "rome_edit.rome.request",
     "EditRecord": "rome_edit.rome.record",
     "KeptFact": "rome_edit.evaluation.evaluate",
     "ROMEHyperParams": "rome_edit.rome.hparams",
@@ -62,6 +63,7 @@ __all__ = [
     "EditRecord",
     "EditRequest",
     "Editor",
+    "FitPhrasing",
     "HeldOut",
     "KeptFact",
     "Paraphrase",
@@ -87,7 +89,7 @@ if TYPE_CHECKING:
     from rome_edit.models.loading import load_model
     from rome_edit.rome.hparams import ROMEHyperParams
     from rome_edit.rome.record import EditRecord
-    from rome_edit.rome.request import EditRequest, Paraphrase
+    from rome_edit.rome.request import EditRequest, FitPhrasing, Paraphrase
 
 
 def __getattr__(name: str) -> Any:

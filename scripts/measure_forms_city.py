@@ -8,8 +8,9 @@ so the name opens the text.  A one-key edit barely reaches a name there (that is
 paraphrases lag), so a bare "city kept" figure says little about what the edit does to the name
 where it *does* reach it.  This script edits ``--n`` known names of a recorded sweep (half
 female, half male; one edit at a time, plain writes, the sweep's prompt, templates and ``C``)
-under several settings — one key, and the subject forms of :mod:`rome_edit.rome.context` at a
-few step counts and clamps — and asks, bare and after a neutral sentence (the name spaced, as
+under several settings — one key, the subject forms of :mod:`rome_edit.rome.context` at a few
+step counts and clamps, and the forms with ``v*`` fitted to other wordings too
+(``fit_phrasings``) — and asks, bare and after a neutral sentence (the name spaced, as
 the edit prompt reads it), both the gender paraphrases and the city, counting for the city the
 share of names whose first-token argmax among the study's cities is unchanged.
 """
@@ -37,6 +38,9 @@ from rome_edit.study.task import ANSWERS, CITY_FACT, PARAPHRASES  # noqa: E402
 from rome_edit.weights.write import applied  # noqa: E402
 
 FRAMES = {"bare": "", "after a sentence": "It was a quiet morning. "}
+# Other wordings v* is fitted to (hparams fit_phrasings); neither is an evaluated paraphrase.
+IS_MY = {"prompt": "{} is my", "answers": {" Male": " brother", " Female": " sister"}}
+BORN_A = {"prompt": "{} was born a", "answers": {" Male": " boy", " Female": " girl"}}
 SETTINGS: dict[str, dict] = {
     "one key, 8 steps (the first recording)": {"v_num_grad_steps": 8},
     "one key, 20 steps": {"v_num_grad_steps": 20},
@@ -46,7 +50,16 @@ SETTINGS: dict[str, dict] = {
                                  "subject_forms": ("unspaced", "text-start")},
     "forms, 20 steps, clamp 1": {"v_num_grad_steps": 20, "clamp_norm_factor": 1,
                                  "subject_forms": ("unspaced", "text-start")},
+    "forms, 8 steps, fitted to 'is my' too (the preset)": {
+        "v_num_grad_steps": 8, "subject_forms": ("unspaced", "text-start"),
+        "fit_phrasings": [IS_MY]},
+    "forms, 8 steps, fitted to 'was born a' and 'is my' too": {
+        "v_num_grad_steps": 8, "subject_forms": ("unspaced", "text-start"),
+        "fit_phrasings": [BORN_A, IS_MY]},
 }
+# Any setting not named above is the sweep's own (clamp 4, 0.0625 KL), with one key and no fit
+# phrasing unless the setting says so.
+UNSET = {"subject_forms": (), "fit_phrasings": ()}
 
 
 def city_of(ed: Editor, names: list[str], template: str) -> list[int]:
@@ -77,7 +90,7 @@ def main() -> int:
     t_start = time.perf_counter()
     for label in args.settings:
         torch.manual_seed(0)
-        ed.hparams = dataclasses.replace(base_hp, **SETTINGS[label])
+        ed.hparams = dataclasses.replace(base_hp, **{**UNSET, **SETTINGS[label]})
         t0 = time.perf_counter()
         recs = ed.compute([EditRequest(r["subject"], prompt, r["target"], r["target_true"])
                            for r in picked])

@@ -43,6 +43,9 @@ CASES: dict[str, tuple[list[str], str, str]] = {
                               r"put '\{\}' where the subject goes"),
     "target-empty": ([*EDIT[:-1], "", "--out", "{d}/out"], "the new target is empty",
                      "give the text to write in"),
+    "hparams-fit-phrasing-bad": ([*EDIT, "--hparams", "{d}/hp-phrasing.json", "--out",
+                                  "{d}/out"], "fit phrasing .*'prompt' holding",
+                                 "'answers' mapping each edit target"),
     "answer-multi-token": (["trace", "--prompt", "Name: {}. Gender:", "--subject", "Anna",
                             "--answer", " Femaleness", "--out", "{d}/out"],
                            "is 7 tokens .* but one token is required",
@@ -211,6 +214,9 @@ def files(tmp_path_factory, tokenizer):
     (d / "latin1.csv").write_bytes("name,gender\nRené,male\n".encode("latin-1"))
     (d / "hp.json").write_text(json.dumps({"layers": [1], "v_loss_layer": 5,
                                            "v_num_grad_steps": 2, "mom2_adjustment": False}))
+    (d / "hp-phrasing.json").write_text(json.dumps({
+        "layers": [1], "v_loss_layer": 5, "mom2_adjustment": False,
+        "fit_phrasings": [{"prompt": "{} is my", "answer": " brother"}]}))
 
     lm = load_model()
     eye = torch.eye(1024) * 0.1

@@ -26,7 +26,7 @@ from rome_edit.forms.protected_keys import protect_records
 from rome_edit.models.scoring import next_token_logprobs
 from rome_edit.models.subject import fill
 from rome_edit.rome.compute import compute_edits
-from rome_edit.rome.request import EditRequest
+from rome_edit.rome.request import EditRequest, FitPhrasing
 from rome_edit.weights.write import applied
 
 
@@ -98,6 +98,15 @@ def update_line(update_form: str, asked_update: str | None, protect: str | None,
             + (f"protecting {protect}" if protected else "no protection"))
 
 
+def phrasings_line(phrasings: Sequence[FitPhrasing]) -> str | None:
+    """The line ``edit``/``sweep`` print when the hparams fit ``v*`` to other wordings too."""
+    if not phrasings:
+        return None
+    listed = ", ".join(repr(p.prompt) for p in phrasings)
+    return (f"value: v* also fitted to {listed} (the hparams' fit_phrasings), in each fit that "
+            "reads the subject at the same key")
+
+
 def run_edit(args: argparse.Namespace) -> int:
     request = EditRequest(args.subject, args.prompt, args.target)
     check_protect_pool(args, None)  # before the model loads
@@ -108,6 +117,8 @@ def run_edit(args: argparse.Namespace) -> int:
         print(skipped)
     print(update_line(hp.update_form, args.update, protect_label(args, hp),
                       hp.subject_forms))
+    if hp.fit_phrasings:
+        print(phrasings_line(hp.fit_phrasings))
     target_id = lm.tokenizer(args.target, add_special_tokens=False)["input_ids"][0]
     text = fill(args.prompt, args.subject)
     p_before = next_token_logprobs(lm.model, lm.tokenizer, [text])[0, target_id].exp().item()

@@ -91,6 +91,21 @@ def compute_edits(
     to ``v_num_grad_steps``, as benchmarks do).
     """
     check_request_inputs(lm, hp, inverse)
+    if hp.fit_phrasings and not any(
+            p.joins(replace(r, prompt=q)) for r in requests for p in hp.fit_phrasings
+            for q in [r.prompt, *(form_prompt(r.prompt, f) for f in hp.subject_forms
+                                  if form_applies(r.prompt, f, context_templates))]):
+        log.warning("no fit phrasing joins any value fit: a phrasing needs the same text before "
+                    "the subject as the prompt fitted (e.g. '{} is my' joins the text-start "
+                    "form's '{}. Gender:') and an answer for the edit's target_new.")
+    return _compute(lm, requests, hp, context_templates, inverse, engine, chunk_size, progress,
+                    early_stop_loss)
+
+
+def _compute(lm: LoadedModel, requests: Sequence[EditRequest], hp: ROMEHyperParams,
+             context_templates: Sequence[str], inverse: SolverWithProvenance | None,
+             engine: Engine, chunk_size: int, progress: bool,
+             early_stop_loss: float) -> list[EditRecord]:
     layer = hp.layer
     t0 = time.perf_counter()
     prompts = [r.prompt for r in requests]
@@ -150,11 +165,10 @@ def _with_forms(lm: LoadedModel, requests: Sequence[EditRequest], records: list[
                  if form_applies(r.prompt, form, context_templates)]
         if not which:
             continue
-        parts = compute_edits(lm, [replace(requests[i], prompt=form_prompt(requests[i].prompt,
-                                                                            form))
-                                   for i in which], one_key,
-                              form_templates(context_templates, form), inverse, engine,
-                              chunk_size, progress, early_stop_loss)
+        form_requests = [replace(requests[i], prompt=form_prompt(requests[i].prompt, form))
+                         for i in which]
+        parts = _compute(lm, form_requests, one_key, form_templates(context_templates, form),
+                         inverse, engine, chunk_size, progress, early_stop_loss)
         for i, p in zip(which, parts):
             writes[i].append(FormWrite(form, p.request.prompt, p.k_star, p.v_orig, p.v_star,
                                        p.u, p.lam))

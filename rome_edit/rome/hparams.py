@@ -1,9 +1,10 @@
 """ROME hyperparameters in the reference implementation's flat JSON format.
 
 The reference keeps one flat JSON object per model (``hparams/ROME/gpt-j-6B.json``); researchers
-have such files, so :class:`ROMEHyperParams` reads and writes exactly those keys.  Three
+have such files, so :class:`ROMEHyperParams` reads and writes exactly those keys.  Four
 settings that the reference does not have are rome-edit options with documented names and
-reference-faithful defaults: ``update_form``, ``mom2_ridge`` and ``subject_forms``.
+reference-faithful defaults: ``update_form``, ``mom2_ridge``, ``subject_forms`` and
+``fit_phrasings``.
 
 The reference file's module-path keys (``rewrite_module_tmp``, ``layer_module_tmp``,
 ``mlp_module_tmp``, ``attn_module_tmp``, ``ln_f_module``, ``lm_head_module``) are kept as read,
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rome_edit.rome.context import check_subject_forms
+from rome_edit.rome.request import FitPhrasing
 
 UpdateForm = Literal["paper", "rome-reference"]
 
@@ -37,8 +39,12 @@ class ROMEHyperParams:
     the bare prompt's key ``k(s)``).  ``mom2_ridge`` (rome-edit option, default 0) adds
     ``λ·mean(diag C)·I`` to ``C`` before solving, for ill-conditioned statistics.
     ``subject_forms`` (rome-edit option, default none): other spellings of the subject to write
-    the edit at too — ``unspaced``, ``text-start`` (:mod:`rome_edit.rome.context`); written to a
-    file only when set, so reference files round-trip.
+    the edit at too — ``unspaced``, ``text-start`` (:mod:`rome_edit.rome.context`).
+    ``fit_phrasings`` (rome-edit option, default none): other wordings ``v*`` is fitted to as
+    well, each with its answer per edit target, joining the fits that read the subject at the
+    same key (:class:`~rome_edit.rome.request.FitPhrasing`; in JSON
+    ``[{"prompt": "{} is my", "answers": {" Male": " brother"}}]``).  The options
+    are written to a file only when set, so reference files round-trip.
     """
 
     layers: tuple[int, ...] = (5,)
@@ -57,6 +63,7 @@ class ROMEHyperParams:
     update_form: UpdateForm = "paper"
     mom2_ridge: float = 0.0
     subject_forms: tuple[str, ...] = ()
+    fit_phrasings: tuple[FitPhrasing, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +82,9 @@ class ROMEHyperParams:
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"mom2_dtype {self.mom2_dtype!r}: use 'float32' or 'float64'.")
         object.__setattr__(self, "subject_forms", check_subject_forms(self.subject_forms))
+        object.__setattr__(self, "fit_phrasings", tuple(
+            p if isinstance(p, FitPhrasing) else FitPhrasing.from_dict(p)
+            for p in self.fit_phrasings))
         if self.subject_forms and self.update_form != "paper":
             raise ValueError("subject_forms map every form's key to its value, which the paper "
                              "form does; set update_form to 'paper' or drop subject_forms.")
@@ -97,6 +107,10 @@ class ROMEHyperParams:
             data["subject_forms"] = list(self.subject_forms)
         else:
             data.pop("subject_forms")
+        if self.fit_phrasings:
+            data["fit_phrasings"] = [p.to_dict() for p in self.fit_phrasings]
+        else:
+            data.pop("fit_phrasings")
         data["layers"] = list(self.layers)
         data["context_template_length_params"] = [list(p) for p in
                                                   self.context_template_length_params]

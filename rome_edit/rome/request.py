@@ -40,6 +40,57 @@ class Paraphrase:
 
 
 @dataclass(frozen=True)
+class FitPhrasing:
+    """Another wording that ``v*`` is fitted to as well (rome-edit option ``fit_phrasings``).
+
+    ROME fits δ to the edit prompt alone, in each context (Eq. 4's sum over ``x_j + p``); a
+    value fitted to one wording can stop at that wording.  A fit phrasing adds the rows
+    ``x_j + prompt`` with the answer that matches the edit's new target: ``answers`` pairs an
+    edit's ``target_new`` with this wording's answer (`` Male`` → `` brother`` for
+    ``"{} is my"``).  ``v*`` is the value of one key, ``k*``, so a phrasing joins only a fit
+    whose prompt has the same text before the subject (then every row reads the subject at
+    ``k*``'s own key): ``"{} is my"`` joins ``"{} is a"`` and the ``text-start`` form's
+    ``"{}. Gender:"``, not ``"Name: {}. Gender:"``.  An edit whose target is not listed does not
+    use it either.  Keep fit phrasings apart from the prompts an evaluation asks: they are
+    training text.
+    """
+
+    prompt: str
+    answers: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        split_template(self.prompt)
+        answers = tuple((str(t), str(a)) for t, a in
+                        (self.answers.items() if isinstance(self.answers, dict)
+                         else self.answers))
+        if not answers or any(not t.strip() or not a.strip() for t, a in answers):
+            raise ValueError(f"fit phrasing {self.prompt!r} needs answers: a non-empty answer "
+                             "for each edit target, e.g. {\" Male\": \" brother\"}.")
+        object.__setattr__(self, "answers", answers)
+
+    def answer_for(self, target_new: str) -> str | None:
+        return dict(self.answers).get(target_new)
+
+    def joins(self, request: EditRequest) -> bool:
+        """Whether ``request``'s value fit uses this phrasing (the class docstring's rule)."""
+        return (self.answer_for(request.target_new) is not None
+                and split_template(self.prompt)[0] == split_template(request.prompt)[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "answers": dict(self.answers)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FitPhrasing:
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) \
+                or not isinstance(data.get("answers"), dict):
+            raise ValueError(f"fit phrasing {data!r}: give an object with a 'prompt' holding "
+                             "'{}' and 'answers' mapping each edit target to this wording's "
+                             "answer, e.g. {\"prompt\": \"{} is my\", \"answers\": "
+                             "{\" Male\": \" brother\"}}.")
+        return cls(data["prompt"], tuple(data["answers"].items()))
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """Rewrite ``prompt.format(subject)`` → ``target_new`` (e.g. ``" Female"``).
 
@@ -109,13 +160,26 @@ def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
 
 
 def rewriting_layouts(
-    tokenizer: PreTrainedTokenizerBase, request: EditRequest, context_templates: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase, request: EditRequest, context_templates: Sequence[str],
+    phrasings: Sequence[FitPhrasing] = (),
 ) -> tuple[list[PromptLayout], PromptLayout]:
-    """The rewriting prompts (one per context template) and the KL prompt of a request."""
-    tgt = target_ids(tokenizer, request.target_new)
-    head = escape_braces(decode(tokenizer, tgt[:-1])) if len(tgt) > 1 else ""
-    templates = [compose(context, request.prompt) + head for context in context_templates]
+    """The rewriting prompts and the KL prompt of a request.
+
+    One rewriting prompt per context template, then the same for each of ``phrasings`` that
+    joins the request (:meth:`FitPhrasing.joins`).  The first ``len(context_templates)`` rows
+    are the edit prompt's, whose mean key is k* (Eq. 3).
+    """
+    wordings = [(request.prompt, request.target_new)]
+    wordings += [(ph.prompt, str(ph.answer_for(request.target_new)))
+                 for ph in phrasings if ph.joins(request)]
+    templates, targets = [], []
+    for prompt, answer in wordings:
+        tgt = target_ids(tokenizer, answer)
+        head = escape_braces(decode(tokenizer, tgt[:-1])) if len(tgt) > 1 else ""
+        for context in context_templates:
+            templates.append(compose(context, prompt) + head)
+            targets.append(tuple(tgt))
     *spans, kl = locate_subjects(tokenizer, [*templates, KL_PROMPT],
                                  [request.subject] * (len(templates) + 1))
-    layouts = [PromptLayout(span.input_ids, span.last, tuple(tgt)) for span in spans]
+    layouts = [PromptLayout(span.input_ids, span.last, t) for span, t in zip(spans, targets)]
     return layouts, PromptLayout(kl.input_ids, kl.last)

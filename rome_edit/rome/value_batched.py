@@ -59,16 +59,24 @@ def optimise_values(
     rows); lower it to save memory.  ``use_kernel=False`` keeps an undispatched GPT-J on the
     model's own forward instead of the checked kernel (:mod:`rome_edit.rome.suffix_step`).
     """
-    results: list[ValueResult] = []
+    # A chunk's requests share one row layout, so requests that use different numbers of fit
+    # phrasings (hp.fit_phrasings; FitPhrasing.joins says which) run apart.
+    groups: dict[int, list[int]] = {}
+    for i, req in enumerate(requests):
+        groups.setdefault(sum(p.joins(req) for p in hp.fit_phrasings), []).append(i)
+    results: list[ValueResult | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="v* (batched)", unit="edit", disable=not progress)
     with fused_activations(lm.model):
-        for start in range(0, len(requests), chunk_size):
-            chunk = requests[start : start + chunk_size]
-            results.extend(_optimise_chunk(lm, chunk, hp, context_templates, use_kernel,
-                                           early_stop_loss))
-            bar.update(len(chunk))
+        for which in groups.values():
+            for start in range(0, len(which), chunk_size):
+                idx = which[start : start + chunk_size]
+                chunk = [requests[i] for i in idx]
+                for i, res in zip(idx, _optimise_chunk(lm, chunk, hp, context_templates,
+                                                       use_kernel, early_stop_loss)):
+                    results[i] = res
+                bar.update(len(chunk))
     bar.close()
-    return results
+    return [r for r in results if r is not None]
 
 
 class SuffixProblem:
@@ -76,7 +84,7 @@ class SuffixProblem:
     each step runs only the suffix above the edit layer (:mod:`rome_edit.rome.suffix_step`)."""
 
     def __init__(self, lm: LoadedModel, per_request, hp: ROMEHyperParams,
-                 use_kernel: bool) -> None:
+                 use_kernel: bool, n_key_rows: int) -> None:
         layer, loss_layer = hp.layer, loss_layer_of(lm, hp)
         # Everything the optimisation indexes lives where the edit layer's MLP output does (the
         # same device everywhere unless a device map splits the model; then accelerate's hooks
@@ -87,9 +95,10 @@ class SuffixProblem:
         self.t_ids, self.t_mask = b.t_ids, b.t_mask
         pre = prefix_pass(lm, b, layer, loss_layer)
         self._v_init = pre.value_at_s[torch.arange(0, b.n * b.R, b.R)].float()  # bare prompts
-        # k* (Eq. 3): the mean key at s over the rewriting prompts, whose text up to s is
-        # exactly context + prompt, so causal attention makes it the key of key.key_stars
-        self.k_star = pre.key_at_s.view(b.n, b.R, -1)[:, : b.R - 1].mean(1)
+        # k* (Eq. 3): the mean key at s over the edit prompt's rows (the first n_key_rows; fit
+        # phrasings follow), whose text up to s is exactly context + prompt, so causal
+        # attention makes it the key of key.key_stars
+        self.k_star = pre.key_at_s.view(b.n, b.R, -1)[:, :n_key_rows].mean(1)
         self.logits, self.path = step_logits(lm, b, pre, layer, loss_layer, self._v_init,
                                              use_kernel)
 
@@ -101,9 +110,9 @@ def _optimise_chunk(lm, requests, hp, context_templates, use_kernel,
                     early_stop_loss) -> list[ValueResult]:
     per_request = []
     for req in requests:
-        layouts, kl = rewriting_layouts(lm.tokenizer, req, context_templates)
+        layouts, kl = rewriting_layouts(lm.tokenizer, req, context_templates, hp.fit_phrasings)
         per_request.append([*layouts, kl])
-    problem = SuffixProblem(lm, per_request, hp, use_kernel)
+    problem = SuffixProblem(lm, per_request, hp, use_kernel, len(context_templates))
     out = optimise_deltas(problem, hp, early_stop_loss)
     return [ValueResult(out.v_init[i].cpu(), out.delta[i].detach().cpu(), out.losses[i],
                         out.nlls[i], problem.k_star[i].cpu(), problem.path)

@@ -9,7 +9,10 @@ every rewriting prompt and of the KL prompt, minimises
 
 with Adam (lr ``v_lr``, torch's defaults otherwise), at most ``v_num_grad_steps`` loss
 evaluations (no update after the last), stopping once L < 0.05, and projecting
-‖δ‖ ≤ ``clamp_norm_factor``·‖v_init‖ after each update.  The KL term's reference distribution is
+‖δ‖ ≤ ``clamp_norm_factor``·‖v_init‖ after each update.  With the rome-edit option
+``fit_phrasings`` the mean also runs over ``context_j + phrasing`` with each phrasing's answer,
+for the phrasings that read the subject at the same key
+(:class:`~rome_edit.rome.request.FitPhrasing`).  The KL term's reference distribution is
 the first step's (δ = 0), as in the reference.
 
 The engines differ only in how a step's logits are computed — a full forward over every prompt

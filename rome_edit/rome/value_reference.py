@@ -92,7 +92,7 @@ def optimise_value(
     early_stop_loss: float = EARLY_STOP_LOSS,
 ) -> ValueResult:
     """Optimise δ for one request as the reference does (a full forward every step)."""
-    layouts, kl = rewriting_layouts(lm.tokenizer, request, context_templates)
+    layouts, kl = rewriting_layouts(lm.tokenizer, request, context_templates, hp.fit_phrasings)
     out = optimise_deltas(FullForward(lm, [[*layouts, kl]], hp), hp, early_stop_loss)
     return ValueResult(out.v_init[0].cpu(), out.delta[0].detach().cpu(), out.losses[0],
                        out.nlls[0])

@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from rome_edit.cli.commands_edit import add_editing_args, setup_editor, update_line
+from rome_edit.cli.commands_edit import (
+    add_editing_args,
+    phrasings_line,
+    setup_editor,
+    update_line,
+)
 from rome_edit.cli.protect_args import protect_label, protection_from_args
 from rome_edit.distributed import data_parallel
 from rome_edit.study.known import FEW_SHOT_PROMPT, known_names, prompt_template
@@ -76,6 +81,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         if workers.is_main:
             print(update_line(hp.update_form, args.update, protect_label(args, hp),
                               hp.subject_forms), flush=True)
+            if hp.fit_phrasings:
+                print(phrasings_line(hp.fit_phrasings), flush=True)
         protection = protection_from_args(args, lm, hp.layer, prompt,
                                           [e.name for e in neighbours], templates, hp)
         summary = run_gender_sweep(lm, names, hp, templates, args.out, inverse, args.batch_size,
