@@ -50,7 +50,7 @@ SETTINGS: dict[str, dict] = {
                                  "subject_forms": ("unspaced", "text-start")},
     "forms, 20 steps, clamp 1": {"v_num_grad_steps": 20, "clamp_norm_factor": 1,
                                  "subject_forms": ("unspaced", "text-start")},
-    "forms, 8 steps, fitted to 'is my' too (the preset)": {
+    "forms, 8 steps, fitted to 'is my' too": {
         "v_num_grad_steps": 8, "subject_forms": ("unspaced", "text-start"),
         "fit_phrasings": [IS_MY]},
     "forms, 8 steps, fitted to 'was born a' and 'is my' too": {
