@@ -57,8 +57,8 @@ SETTINGS: dict[str, dict] = {
         "v_num_grad_steps": 8, "subject_forms": ("unspaced", "text-start"),
         "fit_phrasings": [BORN_A, IS_MY]},
 }
-# Any setting not named above is the sweep's own (clamp 4, 0.0625 KL), with one key and no fit
-# phrasing unless the setting says so.
+# Each setting is the recorded sweep's hparams with the changes it lists; one key and no fit
+# phrasing unless it lists them (the sweep's own may have both).
 UNSET = {"subject_forms": (), "fit_phrasings": ()}
 
 
