@@ -18,7 +18,6 @@ share of names whose first-token argmax among the study's cities is unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure_paraphrase_position import answers_of, read_sweep, sweep_arguments  # noqa: E402
+from measure_paraphrase_position import (  # noqa: E402
+    answers_of,
+    read_sweep,
+    sweep_arguments,
+    write_result,
+)
 
 from rome_edit import Editor  # noqa: E402
 from rome_edit.models.scoring import next_token_logprobs  # noqa: E402
@@ -121,8 +125,7 @@ def main() -> int:
               f"{row['city_kept']['bare']:.3f} after a sentence "
               f"{row['city_kept']['after a sentence']:.3f} | {seconds:.0f} s", flush=True)
     result["seconds"] = time.perf_counter() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     return 0
 
 

@@ -39,7 +39,6 @@ On ``--n`` known names of a recorded sweep (half female, half male) it measures:
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import sys
 import time
@@ -55,6 +54,7 @@ from measure_paraphrase_position import (  # noqa: E402
     rank_two_update,
     read_sweep,
     sweep_arguments,
+    write_result,
 )
 
 from rome_edit import Editor  # noqa: E402
@@ -310,8 +310,7 @@ def main() -> int:
             print("value bound on the bare pronoun prompt:", result["value_bound"]["flipped"],
                   flush=True)
     result["seconds"] = time.perf_counter() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     return 0
 
 

@@ -125,6 +125,12 @@ def first_of_each_gender(records: list[dict], n: int) -> list[dict]:
         [r for r in records if r["gender"] == "male"][: n // 2]
 
 
+def write_result(out: Path, result: dict) -> None:
+    """The diagnostics' result file: indented JSON, its folder made if need be."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def read_sweep(sweep: Path, n: int) -> tuple[dict, list[dict], list[dict]]:
     """A recorded sweep's manifest, its records, and the ``n`` of them to edit
     (:func:`first_of_each_gender`)."""
@@ -191,8 +197,7 @@ def main() -> int:
               "passes": {p: {"table": table_of(questions, before, after, genders, start),
                              "specificity_random": sum(random_kept[p]) / len(random_kept[p])}
                          for p, after in passes.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     print(f"cos(k*, k_start): mean {statistics.mean(cosines):.3f}")
     for p, res in result["passes"].items():
         print(f"{p}: random-name specificity {res['specificity_random']:.3f}")

@@ -91,10 +91,9 @@ def compute_edits(
     to ``v_num_grad_steps``, as benchmarks do).
     """
     check_request_inputs(lm, hp, inverse)
-    if hp.fit_phrasings and not any(
-            p.joins(replace(r, prompt=q)) for r in requests for p in hp.fit_phrasings
-            for q in [r.prompt, *(form_prompt(r.prompt, f) for f in hp.subject_forms
-                                  if form_applies(r.prompt, f, context_templates))]):
+    fitted = [*requests, *(r for f in hp.subject_forms
+                           for r in _form_requests(requests, f, context_templates)[1])]
+    if hp.fit_phrasings and not any(p.joins(r) for r in fitted for p in hp.fit_phrasings):
         log.warning("no fit phrasing joins any value fit: a phrasing needs the same text before "
                     "the subject as the prompt fitted (e.g. '{} is my' joins the text-start "
                     "form's '{}. Gender:') and an answer for the edit's target_new.")
@@ -161,12 +160,9 @@ def _with_forms(lm: LoadedModel, requests: Sequence[EditRequest], records: list[
     one_key = replace(hp, subject_forms=())
     writes: list[list[FormWrite]] = [[] for _ in requests]
     for form in hp.subject_forms:
-        which = [i for i, r in enumerate(requests)
-                 if form_applies(r.prompt, form, context_templates)]
+        which, form_requests = _form_requests(requests, form, context_templates)
         if not which:
             continue
-        form_requests = [replace(requests[i], prompt=form_prompt(requests[i].prompt, form))
-                         for i in which]
         parts = _compute(lm, form_requests, one_key, form_templates(context_templates, form),
                          inverse, engine, chunk_size, progress, early_stop_loss)
         for i, p in zip(which, parts):
@@ -177,3 +173,11 @@ def _with_forms(lm: LoadedModel, requests: Sequence[EditRequest], records: list[
     seconds = (time.perf_counter() - t0) / len(records)
     return [replace(r, timings={**r.timings, "forms_s": seconds,
                                 "total_s": r.timings["total_s"] + seconds}) for r in out]
+
+
+def _form_requests(requests: Sequence[EditRequest], form: str, context_templates: Sequence[str]
+                   ) -> tuple[list[int], list[EditRequest]]:
+    """The requests ``form`` applies to (their indices) and each one's request in that form."""
+    which = [i for i, r in enumerate(requests) if form_applies(r.prompt, form, context_templates)]
+    return which, [replace(requests[i], prompt=form_prompt(requests[i].prompt, form))
+                   for i in which]
